@@ -1,0 +1,84 @@
+"""Build any of the methods from plain settings: the one place a config becomes an optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from fsam.errors import ConfigError
+from fsam.optim.sam import FSAM, SAM
+
+METHODS = ("sgd", "sam", "asam", "fsam", "fasam")
+BASE_OPTIMIZERS = ("sgd", "adamw")
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool) -> list[dict[str, Any]]:
+    """One group, or two when norms and biases (every parameter with fewer than 2 dimensions) get no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def create_optimizer(
+    model_or_params: nn.Module | Iterable[Any],
+    name: str = "fsam",
+    *,
+    base: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    rho: float = 0.2,
+    sigma: float = 1.0,
+    lmbda: float = 0.6,
+    eta: float = 0.0,
+    ema_order: str = "code",
+    no_decay_norm_and_bias: bool = False,
+) -> torch.optim.Optimizer:
+    """Build a method around a base optimizer.
+
+    Args:
+        model_or_params: a model (its trainable parameters are used) or parameters / param groups.
+        name: "sgd" (the base optimizer alone), "sam", "asam" (SAM with adaptive=True), "fsam", "fasam"
+            (F-SAM with the ASAM scaling).
+        base: "sgd" (momentum, coupled weight decay) or "adamw" (decoupled weight decay).
+        lr, momentum, nesterov, weight_decay, betas: the base optimizer's settings (momentum and nesterov for
+            SGD, betas for AdamW).
+        rho, sigma, lmbda, eta, ema_order: see :class:`SAM` and :class:`FSAM`.
+        no_decay_norm_and_bias: put parameters with fewer than 2 dimensions in a group without weight decay
+            (needs a model).
+    Returns:
+        a torch optimizer for "sgd", otherwise a :class:`SAM` or :class:`FSAM` whose ``base_optimizer`` is it.
+    """
+    if name not in METHODS:
+        raise ConfigError(f"optimizer.name={name!r} is not a method: choose one of {', '.join(METHODS)}")
+    if base not in BASE_OPTIMIZERS:
+        raise ConfigError(f"optimizer.base={base!r} is not a base optimizer: choose one of {', '.join(BASE_OPTIMIZERS)}")
+    if isinstance(model_or_params, nn.Module):
+        groups = param_groups(model_or_params, weight_decay, no_decay_norm_and_bias)
+    else:
+        if no_decay_norm_and_bias:
+            raise ConfigError("no_decay_norm_and_bias needs the model, not a list of parameters")
+        groups = list(model_or_params)
+    if base == "sgd":
+        base_optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=True
+        )
+    else:
+        base_optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
+    try:
+        if name == "sgd":
+            return base_optimizer
+        if name in ("sam", "asam"):
+            return SAM(None, base_optimizer, rho=rho, adaptive=name == "asam", eta=eta)
+        return FSAM(
+            None, base_optimizer, rho=rho, sigma=sigma, lmbda=lmbda, ema_order=ema_order, adaptive=name == "fasam", eta=eta
+        )
+    except ValueError as exc:
+        raise ConfigError(f"optimizer.{exc}") from exc

@@ -1,0 +1,385 @@
+"""SAM, ASAM and Friendly-SAM as wrappers around any torch optimizer.
+
+One SAM-family step, in the terms of ``algorithm.md``::
+
+    loss(w).backward()          # clean pass: p.grad = g
+    opt.first_step()            # d from g (F-SAM: g - sigma * EMA), w <- w + rho * d / ||d||
+    loss(w + e).backward()      # perturbed pass: p.grad = g'
+    opt.second_step()           # w restored by copy, base optimizer steps with g'
+
+Implementation notes (each measured by ``scripts/bench_optim.py``):
+
+* Parameters are bucketed by (param group, device, dtype) and every update is one ``torch._foreach_*`` call per
+  bucket, so the number of dispatched ops does not grow with the number of parameter tensors.
+* The gradient norm stays a device tensor; the step never synchronises with the host.
+* The only per-parameter buffers are the saved weights (SAM) and the saved weights plus the EMA (F-SAM),
+  allocated on first use and reused. The direction and the perturbation are computed in place in ``p.grad``,
+  which the perturbed pass overwrites anyway. ``first_step`` therefore consumes the clean gradients.
+* Weights are restored with ``copy_`` into the same storage (never ``p.data = ...``), so static addresses
+  survive for CUDA graphs and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+
+from fsam.errors import CheckpointError
+
+_EPS = 1e-12
+_STATE_VERSION = 1
+
+
+def _check_range(name: str, value: float, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation around a base optimizer; ASAM with ``adaptive=True``.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer. ``None`` when ``base_optimizer``
+            is an already-built optimizer instance.
+        base_optimizer: a torch optimizer class (built here with ``params`` and ``**base_kwargs``) or an
+            optimizer instance. It owns the learning rate, momentum and weight decay; attach LR schedulers to
+            ``self.base_optimizer`` (the wrapper shares its ``param_groups``, so either works).
+        rho: perturbation radius, >= 0 (SAM: 0.05-0.2 on CIFAR; ASAM wants 0.5-2.0).
+        adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + eta``.
+        eta: the ASAM offset added to ``|w|``, >= 0.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, weight_decay, ...).
+
+    ``rho``, ``adaptive`` and ``eta`` are stored per param group and may differ between groups; the gradient
+    norm is always one global L2 norm over all parameters of all groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_range("rho", rho, rho >= 0, ">= 0 (the perturbation radius)")
+        _check_range("eta", eta, eta >= 0, ">= 0 (the ASAM offset added to |w|)")
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if params is not None or base_kwargs:
+                raise ValueError(
+                    "base_optimizer is already built: pass params=None and no base optimizer keyword arguments"
+                )
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError("params is required when base_optimizer is an optimizer class")
+            self.base_optimizer = base_optimizer(params, **base_kwargs)
+        else:
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}"
+            )
+        defaults = dict(self._method_defaults(rho=rho, adaptive=adaptive, eta=eta))
+        super().__init__(self.base_optimizer.param_groups, defaults)
+        # One list of groups for both: a scheduler or add_param_group on either is seen by the other.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.steps_taken = 0
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.last_grad_norm: torch.Tensor | None = None
+
+    def _method_defaults(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    # ----------------------------------------------------------------------------------------------- buckets
+    def _buckets(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        """Parameters that have a gradient, grouped by (param group, device, dtype)."""
+        buckets = []
+        for group in self.param_groups:
+            by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_key[(p.device, p.dtype)].append(p)
+            buckets.extend((group, params) for params in by_key.values())
+        return buckets
+
+    def _saved_weights(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        saved = []
+        for p in params:
+            state = self.state[p]
+            if "saved_weights" not in state:
+                state["saved_weights"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            saved.append(state["saved_weights"])
+        return saved
+
+    # ---------------------------------------------------------------------------------------- the direction
+    def _make_direction(self, group: dict[str, Any], params: list[torch.Tensor], revertible: bool) -> None:
+        """Turn ``p.grad`` (the raw gradient g) into the ascent direction d, in place. SAM: d = g."""
+
+    def _revert_direction_state(self) -> None:
+        """Undo what ``_make_direction`` changed in the optimizer state (nothing for SAM)."""
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True, *, revertible: bool = False) -> None:
+        """Move the weights to ``w + e`` along the (adaptive) normalised direction.
+
+        Reads the clean gradients in ``p.grad`` and overwrites them (with the perturbation), so by default
+        they are zeroed afterwards, ready for the perturbed backward pass.
+
+        Args:
+            zero_grad: zero the gradients afterwards (set to None).
+            revertible: keep what ``revert()`` needs to undo the whole step exactly (F-SAM then keeps a copy
+                of its EMA). ``train_step`` sets it under fp16, where a step can turn out non-finite.
+        """
+        if self._perturbed:
+            raise RuntimeError("first_step() was called twice without second_step() or revert() in between")
+        buckets = self._buckets()
+        for group, params in buckets:
+            self._make_direction(group, params, revertible)
+
+        # ASAM: T = |w| + eta is built in the saved-weights buffer before it takes its real contents.
+        grads_of = {id(params): [p.grad for p in params] for _, params in buckets}
+        saved_of = {id(params): self._saved_weights(params) for _, params in buckets}
+        for group, params in buckets:
+            if group["adaptive"]:
+                scale_t = saved_of[id(params)]
+                torch._foreach_copy_(scale_t, params)
+                torch._foreach_abs_(scale_t)
+                if group["eta"]:
+                    torch._foreach_add_(scale_t, group["eta"])
+                torch._foreach_mul_(grads_of[id(params)], scale_t)
+
+        norm = self._global_norm([g for _, params in buckets for g in grads_of[id(params)]])
+        self.last_grad_norm = norm
+        inv_norm = None if norm is None else (norm + _EPS).reciprocal()
+
+        for group, params in buckets:
+            grads, saved = grads_of[id(params)], saved_of[id(params)]
+            if group["adaptive"]:
+                torch._foreach_mul_(grads, saved)
+            scale = inv_norm.to(params[0].device, non_blocking=True) * group["rho"]
+            torch._foreach_mul_(grads, scale)
+            torch._foreach_copy_(saved, params)
+            torch._foreach_add_(params, grads)
+            self._perturbed.append((params, saved))
+        self.steps_taken += 1
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """One L2 norm over all ``grads`` (float32, or float64 for float64 grads) on the first one's device, without a host sync."""
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        partial = []
+        for same in by_device.values():
+            dtype = torch.float64 if any(g.dtype == torch.float64 for g in same) else torch.float32
+            partial.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(same, 2, dtype=dtype))))
+        if not partial:
+            return None
+        if len(partial) == 1:
+            return partial[0]
+        device = partial[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device, non_blocking=True) for n in partial]))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights back (undo the perturbation) without stepping."""
+        for params, saved in self._perturbed:
+            torch._foreach_copy_(params, saved)
+        self._perturbed = []
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights exactly and let the base optimizer step with the perturbed gradients."""
+        if not self._perturbed:
+            raise RuntimeError("second_step() needs a first_step() before it")
+        self.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """Undo a step begun with ``first_step(revertible=True)``: weights and method state as before it."""
+        self.restore()
+        self._revert_direction_state()
+        self.steps_taken -= 1
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """A whole step for closure-based loops.
+
+        The clean gradients must already be in ``p.grad`` (call ``loss.backward()`` first); ``closure`` must
+        zero nothing and run forward and backward again (at the perturbed weights). Returns its result.
+        """
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward again, because "
+                "a SAM-family step evaluates the loss twice. Pass step(closure), or call first_step() and "
+                "second_step() around your second backward pass."
+            )
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            result = closure()
+        self.second_step()
+        return result
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _ordered_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _method_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything a resumed run needs: the base optimizer's state, the method's state and step count.
+
+        The saved weights are scratch space between ``first_step`` and ``second_step`` and are not saved:
+        save checkpoints between steps.
+        """
+        if self._perturbed:
+            raise RuntimeError("state_dict() in the middle of a step (the weights are perturbed): save between steps")
+        return {
+            "version": _STATE_VERSION,
+            "method": type(self).__name__,
+            "base": self.base_optimizer.state_dict(),
+            "steps_taken": self.steps_taken,
+            "method_state": self._method_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or "base" not in state_dict or "method" not in state_dict:
+            raise CheckpointError(
+                f"this optimizer state was not saved by a {type(self).__name__} optimizer "
+                "(it has no 'base'/'method' entries): was it saved with the same optimizer setting?"
+            )
+        if state_dict["method"] != type(self).__name__:
+            raise CheckpointError(
+                f"the optimizer state was saved by {state_dict['method']}, but this run uses "
+                f"{type(self).__name__}: resume with the same optimizer"
+            )
+        try:
+            self.base_optimizer.load_state_dict(state_dict["base"])
+        except ValueError as exc:
+            raise CheckpointError(f"the base optimizer state does not fit this model's parameters: {exc}") from exc
+        # load_state_dict rebuilds the base optimizer's group list; share it again.
+        self.param_groups = self.base_optimizer.param_groups
+        self.steps_taken = int(state_dict["steps_taken"])
+        self._load_method_state(state_dict["method_state"])
+
+
+class FSAM(SAM):
+    """Friendly-SAM: perturb along the gradient minus an EMA estimate of the full-batch gradient.
+
+    The EMA ``m`` of the raw clean gradients is kept per parameter. On the first step of each parameter
+    ``m <- g`` and ``d = g`` (so step 1 is plain SAM). After that, with ``ema_order="code"`` (the authors'
+    released code, the default): ``d = g - sigma * m_{t-1}``, then ``m_t = lmbda * m_{t-1} + (1 - lmbda) * g``.
+    With ``ema_order="paper"``: ``m_t`` first, then ``d = g - sigma * m_t``. The EMA always sees the raw g.
+
+    Args:
+        sigma: how much of the EMA to remove, >= 0 (1 removes all of it).
+        lmbda: EMA decay in [0, 1) (the released recipe: 0.6; earlier 0.95).
+        ema_order: "code" or "paper", as above. They agree after normalisation when sigma = 1.
+        Everything else as :class:`SAM`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        *,
+        rho: float = 0.2,
+        sigma: float = 1.0,
+        lmbda: float = 0.6,
+        ema_order: str = "code",
+        adaptive: bool = False,
+        eta: float = 0.0,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_range("sigma", sigma, sigma >= 0, ">= 0 (the share of the EMA removed from the gradient)")
+        _check_range("lmbda", lmbda, 0 <= lmbda < 1, "in [0, 1) (the EMA decay)")
+        if ema_order not in ("code", "paper"):
+            raise ValueError(f"ema_order={ema_order!r} is not allowed: ema_order must be 'code' or 'paper'")
+        self._fsam_hyper = dict(sigma=sigma, lmbda=lmbda, ema_order=ema_order)
+        self._fresh_this_step: list[torch.Tensor] = []
+        self._backed_up: list[torch.Tensor] = []
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+
+    def _method_defaults(self, **kwargs: Any) -> dict[str, Any]:
+        return {**kwargs, **self._fsam_hyper}
+
+    def _make_direction(self, group: dict[str, Any], params: list[torch.Tensor], revertible: bool) -> None:
+        sigma, lmbda = group["sigma"], group["lmbda"]
+        fresh = [p for p in params if "ema" not in self.state[p]]
+        seen = [p for p in params if "ema" in self.state[p]]
+        if fresh:
+            for p in fresh:
+                self.state[p]["ema"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            torch._foreach_copy_([self.state[p]["ema"] for p in fresh], [p.grad for p in fresh])
+            self._fresh_this_step.extend(fresh)
+        if not seen:
+            return
+        grads = [p.grad for p in seen]
+        emas = [self.state[p]["ema"] for p in seen]
+        if revertible:
+            backups = []
+            for p in seen:
+                state = self.state[p]
+                if "ema_backup" not in state:
+                    state["ema_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                backups.append(state["ema_backup"])
+            torch._foreach_copy_(backups, emas)
+            self._backed_up.extend(seen)
+        if group["ema_order"] == "paper":
+            torch._foreach_lerp_(emas, grads, 1.0 - lmbda)
+            torch._foreach_add_(grads, emas, alpha=-sigma)
+        else:
+            # d = g - sigma*m_{t-1} in place; then m_t = lmbda*m_{t-1} + (1-lmbda)*g rewritten with g = d + sigma*m_{t-1}
+            # as (lmbda + sigma*(1-lmbda))*m_{t-1} + (1-lmbda)*d, so no copy of g is needed.
+            torch._foreach_add_(grads, emas, alpha=-sigma)
+            torch._foreach_mul_(emas, lmbda + sigma * (1.0 - lmbda))
+            torch._foreach_add_(emas, grads, alpha=1.0 - lmbda)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True, *, revertible: bool = False) -> None:
+        self._fresh_this_step, self._backed_up = [], []
+        super().first_step(zero_grad, revertible=revertible)
+
+    def _revert_direction_state(self) -> None:
+        for p in self._fresh_this_step:
+            del self.state[p]["ema"]
+        if self._backed_up:
+            torch._foreach_copy_(
+                [self.state[p]["ema"] for p in self._backed_up], [self.state[p]["ema_backup"] for p in self._backed_up]
+            )
+        self._fresh_this_step, self._backed_up = [], []
+
+    def _method_state(self) -> dict[str, Any]:
+        params = self._ordered_params()
+        return {"ema": [self.state[p]["ema"].detach().clone() if "ema" in self.state[p] else None for p in params]}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        params = self._ordered_params()
+        emas = state["ema"]
+        if len(emas) != len(params):
+            raise CheckpointError(
+                f"the F-SAM state holds an EMA for {len(emas)} parameter tensors, this model has {len(params)}: "
+                "the checkpoint is from a different model"
+            )
+        for index, (p, ema) in enumerate(zip(params, emas)):
+            if ema is None:
+                self.state[p].pop("ema", None)
+                continue
+            if ema.shape != p.shape:
+                raise CheckpointError(
+                    f"the F-SAM EMA of parameter {index} has shape {tuple(ema.shape)}, the model's parameter has "
+                    f"{tuple(p.shape)}: the checkpoint is from a different model"
+                )
+            self.state[p]["ema"] = ema.to(device=p.device, dtype=p.dtype).clone()
