@@ -1,0 +1,43 @@
+"""VGG-16 with BatchNorm for 32x32 inputs: thirteen 3x3 convolutions, five max-pools, one linear classifier."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fsam.models.weight_init import init_weights
+
+# Output channels of each 3x3 convolution; "M" is a 2x2 max-pool.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """Images [B, 3, H, W] -> logits [B, num_classes]; at H = W = 32 the features end at 1x1 before the classifier."""
+
+    def __init__(self, layout: tuple[int | str, ...], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for item in layout:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                # No conv bias: the BatchNorm right after it has its own.
+                conv = nn.Conv2d(in_channels, item, 3, padding=1, bias=False)
+                layers += [conv, nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                in_channels = item
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_weights(self)
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (the head that fine-tuning replaces)."""
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def vgg16_bn(num_classes: int) -> VGG:
+    return VGG(VGG16_LAYOUT, num_classes)

@@ -1,0 +1,334 @@
+"""The model factory: literature sizes, shapes, memory formats, mixed precision, local weights and errors."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from fsam.errors import ConfigError
+from fsam.models import CIFAR_MODELS, TIMM_ALIASES, available_models, create_model
+from fsam.models.pyramidnet import PyramidNet
+from fsam.models.resnet import BasicBlock, Bottleneck, ResNet
+from fsam.models.wide_resnet import WideResNet
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+BATCH_32PX = (2, 3, 32, 32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Run this file's forwards on one thread: on a 2-core machine shared with other test runs, two spinning
+    threads per process took 120 s for this file where one thread took 38 s (and about 31 s when idle)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(name: str, num_classes: int = 10, **kwargs) -> torch.nn.Module:
+    """Shapes only, no memory or initialisation cost: enough to count parameters."""
+    with torch.device("meta"):
+        return create_model(name, num_classes, **kwargs)
+
+
+# (name, kwargs, published parameter count in millions, source); counted with 10 classes.
+LITERATURE_SIZES = [
+    ("resnet18", {}, 11.17, "CIFAR ResNet-18 (3x3 stem), the size quoted throughout the SAM literature"),
+    ("resnet34", {}, 21.28, "CIFAR ResNet-34"),
+    ("resnet50", {}, 23.52, "CIFAR ResNet-50"),
+    ("wrn28_10", {}, 36.5, "Zagoruyko & Komodakis 2016, WRN-28-10"),
+    ("wrn16_8", {}, 11.0, "Zagoruyko & Komodakis 2016, WRN-16-8"),
+    ("vgg16_bn", {}, 14.7, "CIFAR VGG-16 with BN and one linear classifier"),
+    # Han, Kim & Kim 2017, Table 4. Its 28.3M PyramidNet-110 (alpha 270) has *basic* blocks; the bottleneck
+    # PyramidNet-110 (alpha 270) that the F-SAM release trains has 18.3M, pinned exactly below.
+    ("pyramidnet110", {"bottleneck": False}, 28.3, "PyramidNet-110 alpha 270, basic blocks"),
+    ("pyramidnet110", {"depth": 164}, 27.0, "PyramidNet-164 alpha 270, bottleneck"),
+    ("pyramidnet110", {"depth": 272, "alpha": 200}, 26.0, "PyramidNet-272 alpha 200, bottleneck"),
+]
+
+# Exact counts with 10 classes, so that any change to an architecture shows up here.
+EXACT_SIZES = {
+    "resnet18": 11_173_962,
+    "resnet34": 21_282_122,
+    "resnet50": 23_520_842,
+    "wrn28_10": 36_479_194,
+    "wrn16_8": 10_961_370,
+    "pyramidnet110": 18_323_787,
+    "vgg16_bn": 14_724_042,
+}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, millions, source",
+    LITERATURE_SIZES,
+    ids=[f"{name}-{millions}M" for name, _, millions, _ in LITERATURE_SIZES],
+)
+def test_parameter_count_is_within_2_percent_of_the_literature(name, kwargs, millions, source):
+    count = count_parameters(build_on_meta(name, **kwargs))
+    assert count == pytest.approx(millions * 1e6, rel=0.02), f"{source}: {millions}M published, {count:,} built"
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_SIZES))
+def test_parameter_count_is_pinned_exactly(name):
+    assert count_parameters(build_on_meta(name)) == EXACT_SIZES[name]
+
+
+def test_classifier_width_follows_num_classes():
+    # ResNet-18's head is 512 -> num_classes (weights and biases).
+    extra = count_parameters(build_on_meta("resnet18", 100)) - count_parameters(build_on_meta("resnet18", 10))
+    assert extra == 90 * 513
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
+def test_cifar_model_maps_a_32px_batch_to_logits(name):
+    torch.manual_seed(0)
+    model = create_model(name, 7)
+    with torch.no_grad():
+        logits = model(torch.randn(BATCH_32PX))
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", [*sorted(CIFAR_MODELS), "vit_cifar"])
+def test_channels_last_forward_equals_contiguous_forward(name):
+    # float64, so that the two layouts' different kernels agree far below 1e-5 and only a layout bug shows.
+    torch.manual_seed(0)
+    # Two transformer blocks are enough for the ViT: only its patch embedding sees the image layout.
+    model = create_model(name, 10, **({"depth": 2} if name == "vit_cifar" else {})).double()
+    images = torch.randn(BATCH_32PX, dtype=torch.float64)
+    with torch.no_grad():
+        contiguous = model(images)
+        model.to(memory_format=torch.channels_last)
+        channels_last = model(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, contiguous, rtol=0, atol=1e-5)
+
+
+# bf16 convolutions are slow on CPUs, so each family runs in its smallest form; its code path is the same.
+SMALL_FAMILY_MEMBERS = {
+    "resnet_basic": lambda: ResNet(BasicBlock, (1, 1, 1, 1), 10),
+    "resnet_bottleneck": lambda: ResNet(Bottleneck, (1, 1, 1, 1), 10),
+    "wide_resnet": lambda: WideResNet(10, 2, 10, drop_rate=0.1),
+    "pyramidnet_bottleneck": lambda: PyramidNet(20, 48, 10),
+    "pyramidnet_basic": lambda: PyramidNet(14, 48, 10, bottleneck=False),
+    "vgg16_bn": lambda: create_model("vgg16_bn", 10),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SMALL_FAMILY_MEMBERS))
+def test_forward_and_backward_under_bf16_autocast_give_finite_values(family):
+    torch.manual_seed(0)
+    model = SMALL_FAMILY_MEMBERS[family]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(BATCH_32PX))
+    assert logits.dtype == torch.bfloat16
+    assert logits.shape == (2, 10)
+    logits.float().logsumexp(dim=1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_vit_cifar_is_vit_small_on_4px_patches_and_trains_one_step_at_32px():
+    torch.manual_seed(0)
+    model = create_model("vit_cifar", 10)
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 384)  # CLS + an 8x8 grid of 4x4 patches, ViT-S width
+    assert len(model.blocks) == 12
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(BATCH_32PX)), torch.tensor([3, 7]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    assert not torch.equal(model.head.weight, before["head.weight"])
+    assert not torch.equal(model.patch_embed.proj.weight, before["patch_embed.proj.weight"])
+
+
+def test_timm_prefix_builds_that_timm_model_with_our_head():
+    model = create_model("timm:resnet18", 5)
+    assert model.pretrained_cfg["architecture"] == "resnet18"
+    with torch.no_grad():
+        assert model(torch.randn(BATCH_32PX)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("alias", sorted(TIMM_ALIASES))
+def test_timm_alias_builds_its_timm_architecture(alias):
+    model = create_model(alias, 10, image_size=224)
+    assert model.pretrained_cfg["architecture"] == TIMM_ALIASES[alias].timm_name
+    assert model.get_classifier().out_features == 10
+
+
+def test_vit_alias_sizes_its_position_embedding_from_image_size():
+    model = create_model("vit_small", 10, image_size=64)
+    assert model.pos_embed.shape[1] == 1 + 4 * 4  # 16x16 patches over 64 px
+
+
+def test_wide_resnet_passes_drop_rate_to_its_dropout():
+    model = create_model("wrn16_8", 10, drop_rate=0.3)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.3}
+
+
+def save_state(model: torch.nn.Module, path: Path, wrap: str) -> None:
+    state = model.state_dict()
+    if wrap == "plain":
+        torch.save(state, path)
+    elif wrap == "model":
+        torch.save({"model": state, "epoch": 3}, path)
+    elif wrap == "state_dict":
+        torch.save({"state_dict": state}, path)
+    elif wrap == "ddp":
+        torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    elif wrap == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+
+
+@pytest.mark.parametrize(
+    "name, wrap",
+    [
+        *[("resnet18", wrap) for wrap in ("plain", "model", "state_dict", "ddp", "safetensors")],
+        *[("timm:resnet18", wrap) for wrap in ("plain", "safetensors")],
+    ],
+)
+def test_pretrained_path_round_trip_gives_the_same_outputs(tmp_path, name, wrap):
+    torch.manual_seed(0)
+    source = create_model(name, 10)
+    source.train()(torch.randn(8, 3, 32, 32))  # move the BN running statistics away from their start values
+    path = tmp_path / ("weights.safetensors" if wrap == "safetensors" else "weights.pt")
+    save_state(source, path, wrap)
+
+    torch.manual_seed(1)
+    loaded = create_model(name, 10, pretrained_path=str(path))
+    images = torch.randn(BATCH_32PX)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), source.eval()(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, head",
+    [("resnet18", {}, "fc"), ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, "head")],
+)
+def test_head_of_another_width_is_dropped_with_a_warning_and_the_fresh_head_kept(tmp_path, caplog, name, kwargs, head):
+    torch.manual_seed(0)
+    source = create_model(name, 10, **kwargs)
+    path = tmp_path / "pretrained_10_classes.pt"
+    torch.save(source.state_dict(), path)
+
+    torch.manual_seed(1)
+    fresh = create_model(name, 100, **kwargs)
+    torch.manual_seed(1)
+    with caplog.at_level(logging.WARNING, logger="fsam.models"):
+        tuned = create_model(name, 100, pretrained_path=path, **kwargs)
+
+    tuned_state, source_state, fresh_state = tuned.state_dict(), source.state_dict(), fresh.state_dict()
+    for key, value in tuned_state.items():
+        expected = fresh_state[key] if key.startswith(f"{head}.") else source_state[key]
+        assert torch.equal(value, expected), key
+    assert tuned_state[f"{head}.weight"].shape[0] == 100
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{head}.weight" in warnings[0] and str(path) in warnings[0]
+
+
+def test_weights_of_another_architecture_raise_config_error_naming_file_and_keys(tmp_path):
+    path = tmp_path / "resnet18.pt"
+    torch.save(create_model("resnet18", 10).state_dict(), path)
+    with pytest.raises(ConfigError) as error:
+        create_model("resnet34", 10, pretrained_path=path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "missing stages.0.2.conv1.weight" in message
+
+
+def test_a_reshaped_backbone_tensor_raises_config_error_even_when_the_head_differs(tmp_path):
+    state = create_model("resnet18", 10).state_dict()
+    state["stem.0.weight"] = torch.zeros(32, 3, 3, 3)
+    path = tmp_path / "narrow_stem.pt"
+    torch.save(state, path)
+    expected = r"shape mismatch stem\.0\.weight \(file \[32, 3, 3, 3\], model \[64, 3, 3, 3\]\)"
+    with pytest.raises(ConfigError, match=expected):
+        create_model("resnet18", 100, pretrained_path=path)
+
+
+def test_unexpected_keys_raise_config_error(tmp_path):
+    state = create_model("resnet18", 10).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "extra.pt"
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"unexpected extra\.weight"):
+        create_model("resnet18", 10, pretrained_path=path)
+
+
+def test_missing_weights_file_raises_config_error_naming_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "weights.pt"
+    with pytest.raises(ConfigError, match="no such file") as error:
+        create_model("resnet18", 10, pretrained_path=path)
+    assert str(path) in str(error.value)
+
+
+def test_a_file_that_is_not_a_state_dict_raises_config_error(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="notes.pt"):
+        create_model("resnet18", 10, pretrained_path=path)
+
+
+def test_unknown_name_error_names_the_value_and_lists_every_model_on_one_line():
+    with pytest.raises(ConfigError) as error:
+        create_model("resnet181", 10)
+    message = str(error.value)
+    assert "'resnet181'" in message
+    assert "\n" not in message
+    assert all(name in message for name in available_models())
+    assert "timm:<" in message
+
+
+def test_unknown_timm_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="timm:no_such_net"):
+        create_model("timm:no_such_net", 10)
+
+
+@pytest.mark.parametrize("num_classes", [0, -3])
+def test_num_classes_below_one_is_a_config_error(num_classes):
+    with pytest.raises(ConfigError, match="num_classes"):
+        create_model("resnet18", num_classes)
+
+
+def test_unknown_kwarg_is_a_config_error_listing_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"drop_rate.*allowed are depth, alpha, bottleneck"):
+        create_model("pyramidnet110", 10, drop_rate=0.1)
+
+
+def test_pretrained_download_is_refused():
+    with pytest.raises(ConfigError, match="pretrained_path"):
+        create_model("timm:resnet18", 10, pretrained=True)
+
+
+@pytest.mark.parametrize("name, kwargs", [("pyramidnet110", {"depth": 100}), ("wrn28_10", {"drop_rate": 1.5})])
+def test_impossible_architecture_settings_are_config_errors(name, kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        create_model(name, 10, **kwargs)
+
+
+def test_available_models_are_sorted_and_include_the_contract_names():
+    names = available_models()
+    assert names == sorted(names)
+    contract = {"resnet18", "resnet34", "resnet50", "wrn28_10", "wrn16_8", "pyramidnet110", "vgg16_bn",
+                "vit_cifar", "resnet50_imagenet", "deit_small", "vit_small"}  # fmt: skip
+    assert set(names) == contract
+
+
+def test_config_group_has_one_file_per_model_with_exactly_the_engine_keys():
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in CONFIG_DIR.glob("*.yaml")}
+    assert set(configs) == {*available_models(), "timm"}
+    for option, config in configs.items():
+        assert set(config) == {"name", "pretrained_path", "kwargs"}, option
+        assert config["pretrained_path"] is None and config["kwargs"] == {}, option
+        assert config["name"] == (option if option != "timm" else "timm:resnet18"), option
