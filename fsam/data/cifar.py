@@ -1,0 +1,299 @@
+"""CIFAR-10 and CIFAR-100 from the official python-pickle archives: find, check, download, extract, read.
+
+``root`` holds the archive (``cifar-10-python.tar.gz``, ``cifar-100-python.tar.gz``) and/or its extracted folder
+(``cifar-10-batches-py/``, ``cifar-100-python/``). The extracted folder is read when present; otherwise the
+archive is checked against its md5 checksum and extracted; otherwise it is downloaded (when allowed) and then
+checked and extracted. Each step writes under a temporary name and renames when complete, so an interrupted or
+failed step never leaves something that looks finished: a truncated archive leaves no half-extracted folder, a
+failed download leaves no archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fsam.errors import DataError
+
+# The released F-SAM recipe normalises both CIFAR variants with these CIFAR-10 statistics (std as in the
+# widespread pytorch-cifar code, not the exact per-pixel std): kept for comparability with its numbers.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGE_SIZE = 32
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class CifarVariant:
+    """Where one CIFAR variant lives on disk and on the web, and how its batches are laid out."""
+
+    name: str  # the dataset.name value
+    title: str  # for people
+    folder: str  # the archive's top-level folder
+    archive: str
+    url: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+
+
+VARIANTS = {
+    "cifar10": CifarVariant(
+        name="cifar10",
+        title="CIFAR-10",
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train_files=tuple(f"data_batch_{number}" for number in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+    ),
+    "cifar100": CifarVariant(
+        name="cifar100",
+        title="CIFAR-100",
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+    ),
+}
+
+
+@dataclass
+class CifarSplits:
+    """A CIFAR variant in memory: uint8 images [N, 3, 32, 32] and int64 labels [N] per split.
+
+    ``train_coarse``: CIFAR-100's superclass of each training image (int64 [N]); None for CIFAR-10.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    train_coarse: np.ndarray | None
+
+
+def load_cifar(
+    name: str,
+    root: str | Path,
+    *,
+    download: bool = True,
+    url: str | None = None,
+    md5: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CifarSplits:
+    """Read CIFAR-10 or CIFAR-100 from ``root``, extracting or downloading it first when needed.
+
+    ``url`` and ``md5`` replace the official ones (a mirror, or a re-packed archive). Under torch.distributed,
+    rank 0 prepares the folder while the others wait, then they only read it.
+
+    Raises:
+        DataError: the data is missing (and may not be downloaded), the download failed, the archive is corrupt,
+            the folder is incomplete, or ``root`` holds the other CIFAR variant.
+    """
+    variant = VARIANTS[name]
+
+    def prepare(allow_download: bool) -> Path:
+        return prepare_folder(variant, Path(root), download=allow_download, url=url, md5=md5)
+
+    folder = _rank_zero_first(prepare, download, rank, world_size)
+    return read_folder(variant, folder)
+
+
+def _rank_zero_first(prepare: Callable[[bool], Path], download: bool, rank: int, world_size: int) -> Path:
+    """Run ``prepare`` on rank 0 first; the other ranks wait for it and never download themselves."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return prepare(download)
+    if rank == 0:
+        try:
+            return prepare(download)
+        finally:
+            dist.barrier()  # also on failure, so that the others fail with their own message instead of hanging
+    dist.barrier()
+    return prepare(False)
+
+
+def prepare_folder(variant: CifarVariant, root: Path, *, download: bool, url: str | None, md5: str | None) -> Path:
+    """The complete extracted folder of ``variant`` under ``root``, made from the archive when needed."""
+    folder = root / variant.folder
+    archive = root / variant.archive
+    if folder.is_dir():
+        missing = _missing_file(variant, folder)
+        if missing:
+            raise DataError(
+                f"{folder} is incomplete: {missing} is missing; delete the folder to extract it again from "
+                f"{variant.archive} (or to download it)"
+            )
+        return folder
+    if archive.is_file():
+        _check_md5(archive, md5 or variant.md5, archive, "delete it to download it again")
+        _extract(variant, archive, root)
+        return folder
+    _refuse_the_other_variant(variant, root)
+    if not download:
+        raise DataError(
+            f"{variant.title} not found: {root} holds neither {variant.folder}/ nor {variant.archive}; place "
+            f"{variant.archive} from {variant.url} there, point dataset.root= at the folder that holds it, or "
+            f"remove dataset.download=false to download it"
+        )
+    _download(variant, url or variant.url, md5 or variant.md5, root)
+    _extract(variant, archive, root)
+    return folder
+
+
+def read_folder(variant: CifarVariant, folder: Path) -> CifarSplits:
+    """Read the pickled batches of an extracted folder into arrays."""
+    train = [_read_batch(variant, folder / name) for name in variant.train_files]
+    test = [_read_batch(variant, folder / name) for name in variant.test_files]
+    coarse = None
+    if variant.name == "cifar100":
+        coarse = np.concatenate([batch["coarse"] for batch in train])
+    return CifarSplits(
+        train_images=np.concatenate([batch["images"] for batch in train]),
+        train_labels=np.concatenate([batch["labels"] for batch in train]),
+        test_images=np.concatenate([batch["images"] for batch in test]),
+        test_labels=np.concatenate([batch["labels"] for batch in test]),
+        train_coarse=coarse,
+    )
+
+
+def _read_batch(variant: CifarVariant, path: Path) -> dict[str, np.ndarray]:
+    """One pickled batch: ``images`` uint8 [n, 3, 32, 32], ``labels`` int64 [n] (CIFAR-100: ``coarse`` too)."""
+    try:
+        with open(path, "rb") as file:
+            # The official archives were pickled by Python 2: bytes keys under encoding="bytes".
+            content = pickle.load(file, encoding="bytes")
+        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
+        pixels = np.asarray(batch["data"], dtype=np.uint8)
+        images = pixels.reshape(len(pixels), 3, IMAGE_SIZE, IMAGE_SIZE)
+        labels = np.asarray(batch[variant.label_key], dtype=np.int64)
+        read = {"images": images, "labels": labels}
+        if variant.name == "cifar100":
+            read["coarse"] = np.asarray(batch["coarse_labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, ValueError, TypeError) as error:
+        raise DataError(
+            f"{path} is not a readable {variant.title} batch ({_one_line(error)}): delete {path.parent} to extract "
+            f"it again from {variant.archive}"
+        ) from error
+    if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() < variant.num_classes):
+        raise DataError(
+            f"{path} does not hold {variant.title} labels ({len(images)} images, {len(labels)} labels in "
+            f"[0, {variant.num_classes})): delete {path.parent} to extract it again from {variant.archive}"
+        )
+    return read
+
+
+def _missing_file(variant: CifarVariant, folder: Path) -> str | None:
+    """The first batch file that ``folder`` lacks, or None when it has them all."""
+    for name in (*variant.train_files, *variant.test_files):
+        if not (folder / name).is_file():
+            return name
+    return None
+
+
+def _refuse_the_other_variant(variant: CifarVariant, root: Path) -> None:
+    for other in VARIANTS.values():
+        if other is not variant and ((root / other.folder).is_dir() or (root / other.archive).is_file()):
+            raise DataError(
+                f"{root} holds {other.title} ({other.folder}/ or {other.archive}), not {variant.title}: use "
+                f"dataset={other.name}, or point dataset.root= at a folder for {variant.folder}/"
+            )
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(DOWNLOAD_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_md5(path: Path, expected: str, shown_as: Path | str, fix: str) -> None:
+    actual = _md5(path)
+    if actual != expected.lower():
+        raise DataError(
+            f"{shown_as} does not match its md5 checksum (expected {expected}, got {actual}): it is truncated or "
+            f"corrupt; {fix}, or set dataset.md5= if it is a different archive on purpose"
+        )
+
+
+def _extract(variant: CifarVariant, archive: Path, root: Path) -> None:
+    """Extract into a temporary folder next to the target, check it, then rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{variant.folder}.extracting-", dir=root))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                # The "data" filter refuses absolute paths, links out of the folder and device files.
+                tar.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+            raise DataError(
+                f"{archive} is truncated or corrupt ({_one_line(error)}): delete it to download it again"
+            ) from error
+        extracted = staging / variant.folder
+        if not extracted.is_dir():
+            raise DataError(f"{archive} does not hold {variant.folder}/: it is not the {variant.title} archive")
+        missing = _missing_file(variant, extracted)
+        if missing:
+            raise DataError(
+                f"{archive} is incomplete: {variant.folder}/{missing} is missing; delete it to download it again"
+            )
+        try:
+            extracted.rename(root / variant.folder)
+        except OSError:
+            if not (root / variant.folder).is_dir():  # another process may have finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _download(variant: CifarVariant, url: str, md5: str, root: Path) -> None:
+    """Download ``url`` to ``root/<archive>.<random>.part``, check its md5, and only then give it its name."""
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / variant.archive
+    handle, part_name = tempfile.mkstemp(prefix=f"{variant.archive}.", suffix=".part", dir=root)
+    part = Path(part_name)
+    print(f"downloading {variant.title} from {url} to {root}", flush=True)
+    try:
+        try:
+            with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, file, DOWNLOAD_CHUNK_BYTES)
+        # URLError, HTTPError and timeouts are OSErrors; HTTPException: a cut connection; ValueError: a bad url
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            raise DataError(
+                f"{variant.title} download from {url} to {root} failed ({_one_line(error)}): check the network or "
+                f"dataset.url, or place {variant.archive} (or its extracted folder {variant.folder}/) in a folder "
+                f"yourself, point dataset.root= at it and set dataset.download=false"
+            ) from error
+        _check_md5(part, md5, f"the {variant.title} download from {url}", "it was deleted: try again")
+        part.rename(archive)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
