@@ -1,0 +1,204 @@
+"""The typed schema of a run: one dataclass per config group, with the rule each value must satisfy.
+
+The groups mirror ``configs/``: ``model``, ``dataset``, ``optimizer``, ``schedule``, ``logger`` and the
+``trainer`` keys of ``configs/train.yaml``. A field's rule (its ``metadata["rule"]``) is checked by
+:func:`fsam.config.load_config` after the value's type; the rule's text is what an error message says is allowed.
+Units: learning rates are absolute, epochs count passes over the training split, batch sizes count examples per
+process.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from fsam.data import DATASETS, NOISE_KINDS
+from fsam.optim import BASE_OPTIMIZERS, METHODS, PRECISION_MODES
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: ``allows(value)`` decides, ``text`` says it to a person."""
+
+    text: str
+    allows: Callable[[Any], bool]
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"use one of {', '.join(choices)}", lambda value: value in choices)
+
+
+def greater_than(bound: float) -> Rule:
+    return Rule(f"must be > {bound:g}", lambda value: value > bound)
+
+
+def at_least(bound: float) -> Rule:
+    return Rule(f"must be >= {bound:g}", lambda value: value >= bound)
+
+
+def within(low: float, high: float, *, include_high: bool = True) -> Rule:
+    closing = "]" if include_high else ")"
+    return Rule(
+        f"must be in [{low:g}, {high:g}{closing}",
+        lambda value: low <= value <= high if include_high else low <= value < high,
+    )
+
+
+def each(rule: Rule) -> Rule:
+    return Rule(f"each entry {rule.text}", lambda values: all(rule.allows(value) for value in values))
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_RULE = Rule("use auto, cpu, cuda or cuda:N", lambda value: DEVICE_PATTERN.fullmatch(value) is not None)
+INCREASING_EPOCHS = Rule(
+    "must be increasing epoch numbers >= 1",
+    lambda values: all(value >= 1 for value in values) and list(values) == sorted(set(values)),
+)
+
+
+def setting(default: Any = None, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with an optional rule; ``factory`` for mutable defaults."""
+    metadata = {"rule": rule} if rule else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name``: see :func:`fsam.models.available_models` or ``timm:<name>``; ``kwargs`` go to the builder."""
+
+    name: str = "resnet18"
+    pretrained_path: Optional[str] = None
+    kwargs: dict[str, Any] = setting(factory=dict)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Label noise on the training split: ``ratio`` of the labels replaced (see :mod:`fsam.data.noise`)."""
+
+    kind: str = setting("none", one_of(*NOISE_KINDS))
+    ratio: float = setting(0.0, within(0.0, 1.0))
+    seed: int = setting(0, at_least(0))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation for CIFAR and digits; ``padding`` and ``cutout_size`` in pixels."""
+
+    crop: bool = True
+    padding: int = setting(4, at_least(0))
+    flip: bool = True
+    cutout: bool = True
+    cutout_size: int = setting(16, at_least(0))
+    cutout_prob: float = setting(0.5, within(0.0, 1.0))
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the data lives and how it is read; ``train_subset`` keeps the first N training examples."""
+
+    name: str = setting("cifar100", one_of(*DATASETS))
+    root: str = "data"
+    download: bool = True
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    image_size: int = setting(32, at_least(1))
+    num_workers: int = setting(2, at_least(0))
+    train_subset: Optional[int] = setting(None, at_least(1))
+    noise: NoiseConfig = setting(factory=NoiseConfig)
+    augment: AugmentConfig = setting(factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The method and its base optimizer (see :func:`fsam.optim.create_optimizer`).
+
+    ``rho``, ``sigma``, ``lmbda``, ``eta`` and ``ema_order`` are present for every method and used only by the
+    methods that have them (``sgd`` ignores all five).
+    """
+
+    name: str = setting("fsam", one_of(*METHODS))
+    base: str = setting("sgd", one_of(*BASE_OPTIMIZERS))
+    lr: float = setting(0.05, greater_than(0.0))
+    momentum: float = setting(0.9, within(0.0, 1.0, include_high=False))
+    nesterov: bool = False
+    weight_decay: float = setting(1e-3, at_least(0.0))
+    betas: tuple[float, float] = setting((0.9, 0.999), each(within(0.0, 1.0, include_high=False)))
+    rho: float = setting(0.2, greater_than(0.0))
+    sigma: float = setting(1.0, at_least(0.0))
+    lmbda: float = setting(0.6, within(0.0, 1.0, include_high=False))
+    eta: float = setting(0.0, at_least(0.0))
+    ema_order: str = setting("code", one_of("code", "paper"))
+    no_decay_norm_and_bias: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning rate per iteration: ``cosine`` (to 0 at the last step) or ``multistep``.
+
+    ``milestones`` are epochs (the rate is multiplied by ``gamma`` when each is reached; multistep only).
+    ``warmup_epochs`` (may be fractional) ramps linearly from ``warmup_lr`` to the optimizer's ``lr`` first.
+    """
+
+    name: str = setting("cosine", one_of("cosine", "multistep"))
+    warmup_epochs: float = setting(0.0, at_least(0.0))
+    warmup_lr: float = setting(0.0, at_least(0.0))
+    milestones: list[int] = setting(factory=list, rule=INCREASING_EPOCHS)
+    gamma: float = setting(0.1, within(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    """``backend: wandb`` mirrors the run to Weights & Biases; ``mode: auto`` is offline without key or network."""
+
+    backend: str = setting("none", one_of("none", "wandb"))
+    project: str = "fsam"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = setting(factory=list)
+    name: Optional[str] = None
+    mode: str = setting("auto", one_of("auto", "online", "offline"))
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The loop.
+
+    ``amp``: bf16 autocast (no scaler), fp16 with a loss scaler, or off. On the CPU, bf16 runs as off (bf16
+    autocast is slower than float32 there), with a one-line note. ``eval_batch_size`` null means
+    ``batch_size``. ``checkpoint_every_steps`` 0 checkpoints at epoch ends only. ``log_every`` is in steps (the
+    progress bar's loss and wandb's step records). ``sync_clean_pass``: DDP only, see
+    :func:`fsam.optim.train_step`.
+    """
+
+    epochs: int = setting(200, at_least(1))
+    batch_size: int = setting(128, at_least(1))
+    eval_batch_size: Optional[int] = setting(None, at_least(1))
+    micro_batches: int = setting(1, at_least(1))
+    device: str = setting("auto", DEVICE_RULE)
+    amp: str = setting("bf16", one_of(*PRECISION_MODES))
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = setting(1, at_least(0))
+    log_every: int = setting(50, at_least(1))
+    checkpoint_every_steps: int = setting(0, at_least(0))
+    label_smoothing: float = setting(0.0, within(0.0, 1.0, include_high=False))
+    sync_clean_pass: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs. ``run_dir`` is the run folder (records, checkpoints); ``experiment_name``
+    groups runs (it is the run folder's parent under ``$FSAM_RUNS`` when launched through ``train.py``)."""
+
+    run_dir: str
+    experiment_name: str = "default"
+    model: ModelConfig = setting(factory=ModelConfig)
+    dataset: DatasetConfig = setting(factory=DatasetConfig)
+    optimizer: OptimizerConfig = setting(factory=OptimizerConfig)
+    schedule: ScheduleConfig = setting(factory=ScheduleConfig)
+    logger: LoggerConfig = setting(factory=LoggerConfig)
+    trainer: TrainerConfig = setting(factory=TrainerConfig)
