@@ -1,0 +1,119 @@
+"""Checkpoints that survive being killed at any moment, and the random state that makes resuming exact.
+
+``checkpoints/last.pt`` is the newest state, ``last.prev.pt`` the one before (the fallback when ``last.pt`` is
+unreadable), ``best.pt`` the state at the epoch with the best test top-1. A save writes a temporary file, syncs
+it, moves ``last.pt`` to ``last.prev.pt`` and renames the temporary file to ``last.pt``: at every instant at
+least one complete checkpoint exists. ``best.pt`` is a hard link to the ``last.pt`` it was saved with (no second
+copy on disk), or a copy where the file system has no hard links.
+
+Checkpoints hold tensors, numbers, strings and containers only, so they load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fsam.engine.records import sync_folder
+from fsam.errors import CheckpointError
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.last = self.folder / "last.pt"
+        self.previous = self.folder / "last.prev.pt"
+        self.best = self.folder / "best.pt"
+
+    def save(self, state: dict[str, Any], *, best: bool = False) -> None:
+        """Write ``state`` as the new ``last.pt`` (keeping the old one as ``last.prev.pt``); also as ``best.pt``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temporary = self.folder / ".last.pt.tmp"
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        if self.last.exists():
+            os.replace(self.last, self.previous)
+        os.replace(temporary, self.last)
+        if best:
+            self._mark_best()
+        sync_folder(self.folder)
+
+    def _mark_best(self) -> None:
+        temporary = self.folder / ".best.pt.tmp"
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(self.last, temporary)
+        except OSError:
+            shutil.copyfile(self.last, temporary)
+        os.replace(temporary, self.best)
+
+    def load_latest(self, map_location: torch.device | str = "cpu") -> dict[str, Any] | None:
+        """The newest readable checkpoint: ``last.pt``, else ``last.prev.pt`` with a warning; None if neither
+        exists. Raises :class:`CheckpointError` when checkpoints exist but none can be read."""
+        problems = []
+        for path in (self.last, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as error:  # a torn or foreign file shows up as any of several exception types
+                problems.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+                print(f"warning: checkpoint {path} is unreadable, trying the previous one", file=sys.stderr)
+                continue
+            if not isinstance(state, dict) or "model" not in state:
+                problems.append(f"{path} (not a checkpoint of this engine)")
+                continue
+            return state
+        if problems:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.folder}: {'; '.join(problems)}; delete the folder to start over"
+            )
+        return None
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and plain values."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    saved = state["numpy"]
+    np.random.set_state(
+        (saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+         saved["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples it gave; a round trip may hand back lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+

@@ -1,0 +1,42 @@
+"""Test-set evaluation: mean cross-entropy, top-1 and top-5 accuracy, summed over all processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fsam.engine.distributed import all_reduce_sum
+from fsam.optim import Precision
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
+    """int64 [len(ks)]: how many of the B rows of ``logits`` [B, C] have the target among their k best.
+
+    k larger than C counts every row (top-5 of a 3-class problem is 100 %)."""
+    largest = min(max(ks), logits.shape[1])
+    ranked = logits.topk(largest, dim=1).indices
+    hits = ranked == targets.unsqueeze(1)
+    return torch.stack([hits[:, : min(k, largest)].any(dim=1).sum() for k in ks])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, precision: Precision, device: torch.device) -> dict[str, float]:
+    """``test_loss`` (mean, nats), ``test_top1`` and ``test_top5`` (percent) over the whole test split.
+
+    ``loader.iterate(0)`` yields this process's shard; sums are all-reduced so every process gets the totals.
+    The model is left in eval mode.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, examples
+    for inputs, targets in loader.iterate(0):
+        with precision.autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = topk_correct(logits, targets, (1, 5))
+        totals += torch.stack([loss.double(), *correct.double(), torch.tensor(len(targets), device=device).double()])
+    loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}

@@ -1,0 +1,489 @@
+"""The training loop: build everything from a checked config, train, evaluate, record, checkpoint, resume.
+
+    from fsam.engine import run
+    summary = run({"run_dir": "runs/try", "dataset": {"name": "digits"}, "trainer": {"epochs": 2}})
+
+The loop never branches on the method: ``fsam.optim.train_step`` does one pass for SGD and two for the SAM
+family. Starting a run whose folder holds a checkpoint continues it exactly (model, optimizer and EMA, schedule,
+loss scaler, random state and the position inside the epoch); a folder with ``summary.json`` is finished and is
+skipped; one marked diverged in ``status.json`` is skipped too.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fsam.config import RunConfig, load_config, to_plain
+from fsam.data import AugmentSpec, NoiseSpec, build_data
+from fsam.engine import distributed
+from fsam.engine.checkpoint import CheckpointStore, capture_rng, restore_rng
+from fsam.engine.evaluate import evaluate, topk_correct
+from fsam.engine.preemption import Interrupted, StopSignals, signal_name
+from fsam.engine.records import RunFolder, git_commit, package_versions
+from fsam.engine.schedule import create_schedule
+from fsam.engine.wandb_mirror import WandbMirror, new_run_id
+from fsam.errors import CheckpointError, DataError, DivergedError, FsamError
+from fsam.models import create_model
+from fsam.optim import Precision, create_optimizer, train_step
+
+CHECKPOINT_FORMAT = 1
+# Settings a checkpoint must share with the run that loads it: its tensors mean nothing under other ones.
+IDENTITY_KEYS = (
+    ("model", "name"), ("model", "kwargs"), ("dataset", "name"), ("optimizer", "name"), ("optimizer", "base"),
+)
+
+
+@dataclass
+class Progress:
+    """Where the run stands; everything here goes into a checkpoint."""
+
+    epoch: int = 0  # index of the epoch in progress (0-based); equals epochs when training is done
+    batch: int = 0  # next batch of that epoch
+    global_step: int = 0
+    best_top1: float | None = None
+    best_epoch: int | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0  # over all launches, up to the last checkpoint
+    wandb_id: str = field(default_factory=new_run_id)
+
+
+@dataclass
+class EpochTotals:
+    """Training sums of the epoch in progress, kept on the device (no host sync per step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    skipped: torch.Tensor
+    train_time_s: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EpochTotals":
+        def zero(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros((), dtype=dtype, device=device)
+
+        return cls(zero(torch.float32), zero(torch.int64), zero(torch.int64), zero(torch.int64))
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "count": self.count.item(),
+                "skipped": self.skipped.item(), "train_time_s": self.train_time_s}
+
+    @classmethod
+    def from_plain(cls, saved: dict[str, Any], device: torch.device) -> "EpochTotals":
+        totals = cls.zeros(device)
+        totals.loss_sum.fill_(saved["loss_sum"])
+        totals.correct.fill_(saved["correct"])
+        totals.count.fill_(saved["count"])
+        totals.skipped.fill_(saved["skipped"])
+        totals.train_time_s = saved["train_time_s"]
+        return totals
+
+
+def run(config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
+    """Train one run to the end (or continue it) and return its summary (or the record that made it skip).
+
+    Raises :class:`fsam.errors.FsamError` subclasses for problems a user can fix: a bad config value
+    (ConfigError), missing data (DataError), an unreadable checkpoint (CheckpointError), a NaN or infinite loss
+    (DivergedError, after writing ``status.json``; the last good checkpoint stays).
+    """
+    config = load_config(config)
+    folder = RunFolder(config.run_dir)
+    finished = folder.finished_summary()
+    if finished is not None:
+        print(f"skipped: {folder.path} is finished (summary.json exists); delete the folder to train it again")
+        return finished
+    stopped = folder.stopped_status()
+    if stopped is not None:
+        print(f"skipped: {folder.path} diverged before ({stopped.get('message', 'see status.json')}); "
+              "delete the folder to train it again")
+        return stopped
+    with StopSignals() as stops:
+        info = distributed.setup(config.trainer.device)
+        try:
+            return _Trainer(config, folder, info, stops).train()
+        finally:
+            distributed.teardown()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all CUDA devices too
+
+
+def precision_mode(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The mode that runs on ``device`` and, when it differs from the request, a one-line note why."""
+    if requested == "bf16" and device.type == "cpu":
+        return "off", "note: trainer.amp=bf16 runs as off (float32) on the CPU, where bf16 autocast is slower"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        return "off", f"note: {name} has no bf16: running float32 (or set trainer.amp=fp16)"
+    return requested, None
+
+
+class _Trainer:
+    def __init__(
+        self, config: RunConfig, folder: RunFolder, info: distributed.DistInfo, stops: StopSignals | None = None
+    ) -> None:
+        self.config = config
+        self.folder = folder
+        self.info = info
+        self.stops = stops or StopSignals()
+        self.device = info.device
+        self.store = CheckpointStore(folder.checkpoints)
+        self.launched_at = time.perf_counter()
+        trainer = config.trainer
+
+        seed_everything(trainer.seed)
+        self.amp, note = precision_mode(trainer.amp, self.device)
+        if note:
+            self.say(note)
+        self.data = self._build_data()
+        self.model = self._build_model()
+        opt = config.optimizer
+        self.optimizer = create_optimizer(
+            self.model, opt.name, base=opt.base, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay, betas=opt.betas, rho=opt.rho, sigma=opt.sigma, lmbda=opt.lmbda,
+            eta=opt.eta, ema_order=opt.ema_order, no_decay_norm_and_bias=opt.no_decay_norm_and_bias,
+        )
+        self.steps_per_epoch = len(self.data.train)
+        self.schedule = create_schedule(
+            self.optimizer, config.schedule, lr=opt.lr, steps_per_epoch=self.steps_per_epoch, epochs=trainer.epochs
+        )
+        self.precision = Precision(self.amp, self.device)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+        self.train_model = distributed.wrap(self.model, info)
+        if trainer.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.progress = Progress()
+        self.totals = EpochTotals.zeros(self.device)
+        self.resumed = self._resume()
+        self.mirror = WandbMirror(config.logger, str(folder.path), self.progress.wandb_id)
+
+    def say(self, message: str) -> None:
+        if self.info.is_main:
+            print(message, flush=True)
+
+    def _build_data(self) -> Any:
+        dataset, trainer = self.config.dataset, self.config.trainer
+        return build_data(
+            dataset.name, dataset.root, batch_size=trainer.batch_size, eval_batch_size=trainer.eval_batch_size,
+            device=self.device, seed=trainer.seed, download=dataset.download, url=dataset.url, md5=dataset.md5,
+            augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**to_plain(dataset.noise)),
+            image_size=dataset.image_size, num_workers=dataset.num_workers, rank=self.info.rank,
+            world_size=self.info.world_size, channels_last=trainer.channels_last, train_subset=dataset.train_subset,
+        )
+
+    def _build_model(self) -> nn.Module:
+        spec = self.config.model
+        kwargs = dict(spec.kwargs)
+        asked = kwargs.pop("num_classes", self.data.num_classes)
+        if asked != self.data.num_classes:
+            raise DataError(
+                f"model.kwargs.num_classes={asked} does not fit dataset {self.config.dataset.name}, which has "
+                f"{self.data.num_classes} classes: remove model.kwargs.num_classes (the head is sized from the data)"
+            )
+        model = create_model(
+            spec.name, self.data.num_classes, image_size=self.data.image_size,
+            pretrained_path=spec.pretrained_path, **kwargs,
+        ).to(self.device)
+        if self.config.trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def _state(self, epoch_totals: dict[str, Any]) -> dict[str, Any]:
+        progress = self.progress
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "precision": self.precision.state_dict(),
+            "epoch": progress.epoch,
+            "batch": progress.batch,
+            "global_step": progress.global_step,
+            "epoch_totals": epoch_totals,
+            "best_top1": progress.best_top1,
+            "best_epoch": progress.best_epoch,
+            "metrics": progress.metrics,
+            "wall_time_s": progress.wall_time_s + self._elapsed(),
+            "rng": capture_rng(),
+            "wandb_id": progress.wandb_id,
+            "config": to_plain(self.config),
+        }
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.launched_at
+
+    def _save(self, *, best: bool = False) -> None:
+        """Called by every process at the same step (the totals of all processes are summed), written by one."""
+        totals = self.totals.to_plain()
+        if self.info.distributed:
+            summed = EpochTotals.zeros(self.device)
+            for name in ("loss_sum", "correct", "count", "skipped"):
+                getattr(summed, name).copy_(distributed.all_reduce_sum(getattr(self.totals, name).clone()))
+            totals = {**summed.to_plain(), "train_time_s": self.totals.train_time_s}
+        if self.info.is_main:
+            self.store.save(self._state(totals), best=best)
+
+    def _resume(self) -> bool:
+        state = self.store.load_latest(map_location=self.device)
+        if state is None:
+            return False
+        self._check_same_run(state.get("config", {}))
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"the checkpoint in {self.store.folder} does not fit this run's model or optimizer "
+                f"({str(error).splitlines()[0]}): delete the folder to start over"
+            ) from error
+        self.schedule.load_state_dict(state["schedule"])
+        self.precision.load_state_dict(state["precision"])
+        restore_rng(state["rng"])
+        self.progress = Progress(
+            epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
+            best_top1=state["best_top1"], best_epoch=state["best_epoch"], metrics=list(state["metrics"]),
+            wall_time_s=state["wall_time_s"], wandb_id=state["wandb_id"],
+        )
+        if self.info.is_main:  # the saved totals are those of all processes: counted once
+            self.totals = EpochTotals.from_plain(state["epoch_totals"], self.device)
+        self.launched_at = time.perf_counter()
+        return True
+
+    def _check_same_run(self, saved: dict[str, Any]) -> None:
+        """CheckpointError naming the first setting where the checkpoint's run and this one differ in what the
+        weights and optimizer state mean (architecture, classes, method)."""
+        current = to_plain(self.config)
+        for group, key in IDENTITY_KEYS:
+            was, now = saved.get(group, {}).get(key), current[group][key]
+            if was != now:
+                raise CheckpointError(
+                    f"the checkpoint in {self.store.folder} was written with {group}.{key}={was!r} but this run has "
+                    f"{group}.{key}={now!r}: use another run folder (run_dir) or delete {self.store.folder} to "
+                    "start over"
+                )
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def train(self) -> dict[str, Any]:
+        config, progress = self.config, self.progress
+        if self.info.is_main:
+            self.folder.create()
+            self.folder.write_config(to_plain(config))
+            self.folder.rewrite_metrics(progress.metrics)
+        distributed.barrier()
+        where = f"epoch {progress.epoch + 1}" + (f", batch {progress.batch}" if progress.batch else "")
+        self.say(
+            f"{'resuming' if self.resumed else 'training'} {config.optimizer.name} on {config.dataset.name} with "
+            f"{config.model.name}: {config.trainer.epochs} epochs of {self.steps_per_epoch} steps on "
+            f"{self.device} (amp {self.amp}){f', from {where}' if self.resumed else ''}; records in {self.folder.path}"
+        )
+        if self.info.is_main:
+            self.mirror.start(to_plain(config), resumed=self.resumed)
+        try:
+            while progress.epoch < config.trainer.epochs:
+                self._train_epoch()
+        except torch.OutOfMemoryError as error:
+            self.mirror.finish(failed=True)
+            raise FsamError(self._out_of_memory_message(error)) from None
+        except DivergedError as error:
+            if self.info.is_main:
+                self.folder.write_status({
+                    "status": "diverged", "message": str(error), "epoch": progress.epoch + 1,
+                    "global_step": progress.global_step, "last_checkpoint": str(self.store.last),
+                })
+            self.mirror.finish(failed=True)
+            raise
+        summary = self._summary()
+        if self.info.is_main:
+            self.folder.write_summary(summary)  # last: its presence marks the run finished
+        self.mirror.finish(summary)
+        self.say(
+            f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
+            f"{summary['best_epoch']}) in {summary['wall_time_s']:.0f} s\n"
+            f"records: {self.folder.path} (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
+        )
+        return summary
+
+    def _train_epoch(self) -> None:
+        trainer, progress, totals = self.config.trainer, self.progress, self.totals
+        batch_size = trainer.batch_size
+        self.train_model.train()
+        bar = tqdm(
+            total=self.steps_per_epoch * batch_size, initial=progress.batch * batch_size, unit="img",
+            unit_scale=True, desc=f"epoch {progress.epoch + 1}/{trainer.epochs}", leave=False,
+            disable=None if self.info.is_main else True, file=sys.stderr,
+        )
+        started = time.perf_counter()
+        for inputs, targets in self.data.train.iterate(progress.epoch, start_batch=progress.batch):
+            out = train_step(
+                self.train_model, inputs, targets, self.loss_fn, self.optimizer, precision=self.precision,
+                micro_batches=trainer.micro_batches, sync_clean_pass=trainer.sync_clean_pass,
+            )
+            self.schedule.step()
+            progress.batch += 1
+            progress.global_step += 1
+            if out.skipped:
+                totals.skipped += 1
+            else:
+                totals.loss_sum += out.loss.float() * len(targets)
+                totals.correct += topk_correct(out.logits, targets, (1,))[0]
+                totals.count += len(targets)
+            bar.update(len(targets))
+            if progress.global_step % trainer.log_every == 0:
+                bar.set_postfix(loss=f"{self._check_finite():.4f}", lr=f"{self._lr():.4g}")
+            every = trainer.checkpoint_every_steps
+            if every and progress.global_step % every == 0 and progress.batch < self.steps_per_epoch:
+                self._check_finite()
+                totals.train_time_s += time.perf_counter() - started
+                started = time.perf_counter()
+                self._save()
+            signum = self._stop_requested()
+            if signum is not None:
+                totals.train_time_s += time.perf_counter() - started
+                started = time.perf_counter()
+                self._on_signal(signum, bar)
+        bar.close()
+        self._check_finite()
+        totals.train_time_s += time.perf_counter() - started
+        self._end_epoch()
+
+    def _out_of_memory_message(self, error: Exception) -> str:
+        trainer = self.config.trainer
+        detail = str(error).splitlines()[0] if str(error) else ""
+        return (
+            f"out of memory on {self.device} with trainer.batch_size={trainer.batch_size} ({detail}): use a smaller "
+            f"trainer.batch_size (e.g. {max(trainer.batch_size // 2, 1)}), or trainer.micro_batches="
+            f"{trainer.micro_batches * 2} to keep the batch and split it, or trainer.amp=bf16; the last checkpoint "
+            f"in {self.store.folder} is kept"
+        )
+
+    def _lr(self) -> float:
+        return self.schedule.get_last_lr()[0]
+
+    def _stop_requested(self) -> int | None:
+        """The stop signal received, if any. One process reads its own flag after every step; under DDP the
+        processes agree every ``log_every`` steps, so they all stop (and save) at the same step."""
+        if not self.info.distributed:
+            return self.stops.received
+        if self.progress.global_step % self.config.trainer.log_every:
+            return None
+        return self.stops.agreed(self.device)
+
+    def _on_signal(self, signum: int, bar: tqdm) -> None:
+        """Checkpoint where the loop stands (after a finished step). Then, when a handler was installed before
+        the run (submitit's), hand it the signal: it requeues the job and exits, or only logs (submitit's
+        SIGTERM) and training goes on. Otherwise close the wandb run and raise Interrupted."""
+        self._check_finite()  # a diverged state is never saved as the state to continue from
+        self._save()
+        progress = self.progress
+        where = f"{signal_name(signum)} in epoch {progress.epoch + 1} after step {progress.global_step}"
+        if self.stops.previous_handler(signum) is not None:
+            self.say(f"{where}: checkpoint saved in {self.store.folder}; passing the signal on")
+            self.stops.clear()
+            self.stops.forward(signum)
+            return
+        bar.close()
+        self.mirror.finish(failed=True)
+        raise Interrupted(
+            f"stopped by {where}: checkpoint saved in {self.store.folder}; run the same command again to continue",
+            signum,
+        )
+
+    def _check_finite(self) -> float:
+        """The epoch's mean training loss so far; DivergedError if it is NaN or infinite (one host sync).
+
+        Under DDP the sums of all processes are checked, so every process stops together or none does."""
+        sums = torch.stack([self.totals.loss_sum.double(), self.totals.count.double()])
+        loss_sum, count = distributed.all_reduce_sum(sums).tolist()
+        mean_loss = loss_sum / max(count, 1.0)
+        if not np.isfinite(mean_loss):
+            progress = self.progress
+            if self.store.last.exists():
+                kept = f"the last good checkpoint is {self.store.last}"
+            else:
+                kept = "no checkpoint was written yet"
+            raise DivergedError(
+                f"training diverged: the loss became {mean_loss} in epoch {progress.epoch + 1} by step "
+                f"{progress.global_step}; {kept}; lower optimizer.lr or optimizer.rho, or use trainer.amp=bf16 or off"
+            )
+        return mean_loss
+
+    def _end_epoch(self) -> None:
+        progress, totals = self.progress, self.totals
+        sums = torch.stack([t.double() for t in (totals.loss_sum, totals.correct, totals.count, totals.skipped)])
+        loss_sum, correct, count, skipped = distributed.all_reduce_sum(sums).tolist()
+        train_time = totals.train_time_s
+        test = evaluate(self.model, self.data.test, self.precision, self.device)
+        epoch = progress.epoch + 1
+        row = {
+            "epoch": epoch,
+            "step": progress.global_step,
+            "train_loss": loss_sum / max(count, 1.0),
+            "train_top1": 100.0 * correct / max(count, 1.0),
+            **test,
+            "lr": self._lr(),
+            "images_per_s": count / max(train_time, 1e-9),
+            "skipped_steps": int(skipped),
+            "epoch_time_s": train_time,
+            "wall_time_s": progress.wall_time_s + self._elapsed(),
+        }
+        progress.metrics.append(row)
+        is_best = progress.best_top1 is None or row["test_top1"] > progress.best_top1
+        if is_best:
+            progress.best_top1, progress.best_epoch = row["test_top1"], epoch
+        progress.epoch, progress.batch = epoch, 0
+        self.totals = EpochTotals.zeros(self.device)
+        self._save(best=is_best)
+        if self.info.is_main:
+            self.folder.append_metrics(row)
+        self.mirror.log(row, step=progress.global_step)
+        self.say(
+            f"epoch {epoch}/{self.config.trainer.epochs}  train loss {row['train_loss']:.4f} top-1 "
+            f"{row['train_top1']:.2f}%  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 "
+            f"{row['test_top5']:.2f}%  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+            + (f"  {int(skipped)} fp16 steps skipped" if skipped else "")
+        )
+
+    def _summary(self) -> dict[str, Any]:
+        progress, config = self.progress, self.config
+        final = progress.metrics[-1]
+        train_time = sum(row["epoch_time_s"] for row in progress.metrics)
+        images = sum(row["images_per_s"] * row["epoch_time_s"] for row in progress.metrics)
+        return {
+            "status": "finished",
+            "final_top1": final["test_top1"],
+            "final_top5": final["test_top5"],
+            "final_test_loss": final["test_loss"],
+            "final_train_loss": final["train_loss"],
+            "best_top1": progress.best_top1,
+            "best_epoch": progress.best_epoch,
+            "epochs": len(progress.metrics),
+            "global_steps": progress.global_step,
+            "skipped_steps": sum(row["skipped_steps"] for row in progress.metrics),
+            "seed": config.trainer.seed,
+            "method": config.optimizer.name,
+            "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            "amp": self.amp,
+            "world_size": self.info.world_size,
+            "train_time_s": train_time,
+            "images_per_s": images / max(train_time, 1e-9),
+            "wall_time_s": progress.wall_time_s + self._elapsed(),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "data": self.data.info,
+            "run_dir": str(self.folder.path),
+        }

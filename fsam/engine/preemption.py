@@ -1,0 +1,91 @@
+"""Stop cleanly when the cluster asks: SIGTERM, SIGUSR1 or SIGUSR2 become a checkpoint at the next step boundary.
+
+SLURM sends SIGTERM before killing a preempted or cancelled job, and the signal chosen with ``--signal`` (USR1
+or USR2) some time before the time limit; submitit asks for SIGUSR2. A handler that wrote a checkpoint inside
+the signal would catch the model halfway through a step, so the handler only records the signal; the loop looks
+at the record after each step, writes an ordinary atomic checkpoint and raises :class:`Interrupted`.
+
+When something else had a handler for that signal before the run started, the loop hands the signal on with
+:meth:`StopSignals.forward` once the checkpoint is safe, instead of stopping. Under submitit that handler
+requeues the job on SIGUSR2 (through the launcher's ``checkpoint`` hook) and exits: the requeued job relaunches
+the same command, finds the same run folder and continues from that checkpoint. Submitit's SIGTERM handler only
+logs (SLURM's SIGUSR2 decides), so training goes on after the extra checkpoint.
+
+Under DDP every process must stop at the same step (saving is collective), so the processes agree on the
+record with an all-reduce, every ``every`` steps (one host synchronisation then, none in between).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any, Callable
+
+import torch
+
+from fsam.engine import distributed
+from fsam.errors import FsamError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Interrupted(FsamError):
+    """The run stopped on a signal after writing a checkpoint; relaunching the same command continues it.
+
+    ``exit_status`` is the shell's convention for death by that signal (128 + number), so a batch script can
+    tell a stop that should be requeued from a failure.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+class StopSignals:
+    """Records the first of SIGTERM / SIGUSR1 / SIGUSR2 while active (a context manager); main thread only."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signal.signal refuses other threads
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # kept in _previous: forward() may still need it
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def clear(self) -> None:
+        self.received = None
+
+    def agreed(self, device: torch.device) -> int | None:
+        """The signal any process received (the largest number if they differ), the same on every process."""
+        if not distributed.is_active():
+            return self.received
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        received = int(distributed.all_reduce_max(flag).item())
+        return received or None
+
+    def previous_handler(self, signum: int) -> Callable[[int, FrameType | None], Any] | None:
+        """The handler installed before ours, when it is a function (not the default action or ignore)."""
+        previous = self._previous.get(signum)
+        return previous if callable(previous) else None
+
+    def forward(self, signum: int) -> None:
+        """Give ``signum`` to the handler that was there before (it may requeue the job and exit)."""
+        previous = self.previous_handler(signum)
+        if previous is not None:
+            previous(signum, None)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

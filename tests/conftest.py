@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny CIFAR-10 archive in the official format, run folders in a temporary place, wandb offline."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datagen import write_cifar_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest network that exercises everything the engine touches (BatchNorm, residuals): PyramidNet with one
+# basic block per stage, 16 -> 20 channels.
+TINY_MODEL = {"name": "pyramidnet110", "kwargs": {"depth": 8, "alpha": 4, "bottleneck": False}}
+# model.kwargs is an empty mapping in the model configs: Hydra adds keys to it with "+".
+TINY_MODEL_CLI = ["model=pyramidnet110", "+model.kwargs.depth=8", "+model.kwargs.alpha=4", "+model.kwargs.bottleneck=false"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_records(tmp_path, monkeypatch):
+    """Run folders under this test's tmp_path; wandb never goes online."""
+    monkeypatch.setenv("FSAM_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A CIFAR-10 archive with 64 training and 32 test images (4 batches of 16), already extracted."""
+    root = tmp_path_factory.mktemp("cifar10")
+    write_cifar_archive(root, "cifar10", n_train=64, n_test=32, seed=0)
+    return root
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs":
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def tiny_config(tmp_path, cifar_root):
+    """``tiny_config(**changes)``: a plain-dict config of a 2-epoch, 4-steps-per-epoch CPU run in tmp_path/run."""
+
+    def make(**changes: Any) -> dict[str, Any]:
+        base = {
+            "run_dir": str(tmp_path / "run"),
+            "dataset": {"name": "cifar10", "root": str(cifar_root), "download": False, "num_workers": 0},
+            "model": TINY_MODEL,
+            "optimizer": {"name": "fsam", "lr": 0.05},
+            "trainer": {"epochs": 2, "batch_size": 16, "device": "cpu", "amp": "off", "log_every": 1},
+        }
+        return merge(base, changes)
+
+    return make
+
+
+@pytest.fixture
+def tiny_cli(cifar_root):
+    """Command-line overrides of a 1-epoch CPU run on the tiny archive."""
+    return [
+        "dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false", "dataset.num_workers=0",
+        *TINY_MODEL_CLI, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.amp=off",
+    ]
+
+
+@pytest.fixture
+def train_py():
+    """``train_py(*arguments)``: run ``python train.py ARGUMENTS`` in the repository as a real subprocess, with
+    this test's environment (FSAM_RUNS, WANDB_MODE); returns the CompletedProcess."""
+
+    def run(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *arguments],
+            cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+        )
+
+    return run

@@ -1,0 +1,182 @@
+"""Train one run, or a sweep with -m: compose the configs, validate them, hand them to the engine.
+
+    python train.py experiment=quickstart                        # digits on the CPU, about a minute
+    python train.py optimizer=sam dataset=cifar10 trainer.epochs=100
+    python train.py -m optimizer=sgd,sam,fsam trainer.seed=1,2,3 # one run folder per combination
+    python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu optimizer=sgd,fsam
+
+Each run lives in runs/<experiment>/<overrides>/seed<seed>/ (FSAM_RUNS replaces runs/): the same command finds
+the same folder, so relaunching continues an unfinished run and skips a finished one. A problem the user can fix
+(a bad value, an unknown option, missing data, a diverged run) prints ``error: <message>`` on one line and exits
+with status 2; anything else is a bug and keeps its traceback. SIGTERM, SIGUSR1 or SIGUSR2 (a preempted or
+timed-out SLURM job) checkpoint the run at the next step and exit with 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fsam.config import RunConfig, load_config, run_folder
+from fsam.engine import run
+from fsam.engine.preemption import Interrupted
+from fsam.errors import ConfigError, FsamError
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+GROUPS = ("model", "dataset", "optimizer", "schedule", "logger", "experiment")
+
+
+# Jobs of this process that stopped with a user error; main() exits with status 2 if there are any.
+FAILED_JOBS: list[str] = []
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def train(cfg: DictConfig) -> None:
+    # A submitit job unpickles this function in a fresh process, importing the modules it names; naming
+    # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
+    run_folder.register_resolver()
+    try:
+        run(load_config(OmegaConf.to_container(cfg, resolve=True)))
+    except Interrupted:
+        raise  # a stop signal ends the whole sweep, not only this job
+    except FsamError as error:
+        hydra_config = HydraConfig.get()
+        sweep = hydra_config.mode == RunMode.MULTIRUN
+        if sweep and hydra_config.runtime.choices.get("hydra/launcher") != "basic":
+            raise  # a job in another process (submitit) must fail there, where its log is
+        # A sweep in this process goes on with its other jobs, so the message names the job.
+        job = hydra_config.job.override_dirname or "(no overrides)"
+        report(f"job {job}: {error}" if sweep else str(error))
+        FAILED_JOBS.append(job)
+
+
+def canonical_arguments(arguments: list[str]) -> list[str]:
+    """The command line with each plain override written as Hydra's sweeper writes a job's overrides.
+
+    The run folder is named from the overrides, so ``trainer.amp=off optimizer.lr=0.10`` must name the same
+    folder whether it is typed for a single run or is one job of a sweep (where Hydra rewrites values, e.g.
+    ``false`` as ``False``). Unknown options of a config group (``model=foo``) are refused here, with the list
+    of options. Arguments Hydra cannot parse are left for Hydra to report.
+    """
+    parser = OverridesParser.create()
+    canonical = []
+    for argument in arguments:
+        if "=" not in argument or argument.startswith("-"):
+            canonical.append(argument)
+            continue
+        try:
+            override = parser.parse_override(argument)
+        except HydraException:
+            canonical.append(argument)
+            continue
+        check_group_option(override)
+        check_key(override)
+        if override.is_sweep_override() or override.is_delete():
+            canonical.append(argument)
+        else:
+            canonical.append(f"{override.get_key_element()}={override.get_value_element_as_str()}")
+    return canonical
+
+
+def check_key(override: Override) -> None:
+    """A ConfigError naming the known keys (and the closest one) when a plain override sets a key the schema
+    does not have; Hydra's own message would only say it could not override it. ``+key=value`` is left to the
+    schema check, ``hydra.*`` to Hydra."""
+    key = override.key_or_group
+    if override.is_add() or override.is_force_add() or override.is_delete() or "/" in key:
+        return
+    if key in GROUPS or key.split(".")[0] == "hydra":
+        return
+    node: type = RunConfig
+    for depth, part in enumerate(key.split(".")):
+        fields = [field.name for field in dataclasses.fields(node)]
+        if part not in fields:
+            parent = ".".join(key.split(".")[:depth]) or "the top level"
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key} is not a known key{hint}: the keys under {parent} are {', '.join(fields)}")
+        kind = typing.get_type_hints(node)[part]
+        if not (dataclasses.is_dataclass(kind) and isinstance(kind, type)):
+            return  # a value (model.kwargs takes any key)
+        node = kind
+
+
+def check_group_option(override: Override) -> None:
+    """A ConfigError listing the options when a config group is set to an option that has no file."""
+    group = override.key_or_group
+    if group not in GROUPS or override.is_delete():
+        return
+    if override.is_sweep_override():
+        values = list(override.sweep_string_iterator())
+    else:
+        values = [override.get_value_element_as_str()]
+    options = sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+    for value in values:
+        if value not in options and value != "null":
+            raise ConfigError(
+                f"{group}={value} is not an option of {group}: choose one of {', '.join(options)} "
+                f"(files in configs/{group}/)"
+            )
+
+
+def check_output_root() -> None:
+    """Refuse, before Hydra or the engine writes anything, a runs folder that cannot be created or written."""
+    root = Path(os.environ.get("FSAM_RUNS", "runs"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"the runs folder {root.resolve()} cannot be written ({error.strerror or error}): set FSAM_RUNS to a "
+            "writable folder, e.g. FSAM_RUNS=$HOME/fsam-runs"
+        ) from None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message and, for Hydra's wrappers, its cause's, on one line."""
+    parts = [str(error)]
+    if isinstance(error, HydraException) and error.__cause__ is not None:
+        parts.append(str(error.__cause__))
+    noise = ("full_key:", "object_type=", "reference_type=")
+    lines = [line.strip() for part in parts for line in part.splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(noise))
+
+
+def report(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    # Hydra prints its own errors and exits with status 1 unless HYDRA_FULL_ERROR is set; with it set, they reach
+    # the handler below, like the engine's.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        sys.argv[1:] = canonical_arguments(sys.argv[1:])
+        check_output_root()
+        train()
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_status
+    except (FsamError, HydraException, OmegaConfBaseException) as error:
+        report(one_line(error))
+        return 2
+    return 2 if FAILED_JOBS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
