@@ -344,7 +344,8 @@ class FSAM(SAM):
             # d = g - sigma*m_{t-1} in place; then m_t = lmbda*m_{t-1} + (1-lmbda)*g rewritten with g = d + sigma*m_{t-1}
             # as (lmbda + sigma*(1-lmbda))*m_{t-1} + (1-lmbda)*d, so no copy of g is needed.
             torch._foreach_add_(grads, emas, alpha=-sigma)
-            torch._foreach_mul_(emas, lmbda + sigma * (1.0 - lmbda))
+            if sigma != 1.0:  # at sigma = 1 the factor is exactly 1: skip a pass over the EMA
+                torch._foreach_mul_(emas, lmbda + sigma * (1.0 - lmbda))
             torch._foreach_add_(emas, grads, alpha=1.0 - lmbda)
 
     @torch.no_grad()
