@@ -512,3 +512,32 @@ def test_no_decay_groups_exclude_norms_and_biases():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 5e-4 and all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "fsam"])
+def test_the_accelerator_path_of_first_step_matches_the_host_path_and_the_hand_computation(method, monkeypatch):
+    """On the CPU the scale goes into the add as a number; on accelerators it stays a device tensor (no host
+    sync). Both paths are forced here on the CPU and must agree with the hand-computed steps."""
+    import fsam.optim.sam as sam_module
+
+    def factory(params):
+        if method == "fsam":
+            return FSAM(params, torch.optim.SGD, rho=RHO, sigma=0.5, lmbda=0.6, lr=LR)
+        return SAM(params, torch.optim.SGD, rho=RHO, adaptive=method == "asam", lr=LR)
+
+    if method == "fsam":
+        expected = sam_by_hand(4, direction=fsam_direction(0.5, 0.6, "code", []))
+    else:
+        expected = sam_by_hand(4, adaptive=method == "asam")
+    host, _ = run_quadratic(factory, steps=4)
+    monkeypatch.setattr(sam_module, "_readable_without_sync", lambda *tensors: False)
+    device, _ = run_quadratic(factory, steps=4)
+    for w in (host, device):
+        assert torch.allclose(w, torch.tensor(expected, dtype=w.dtype), atol=1e-12)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_create_optimizer_uses_the_fused_base_optimizer_where_torch_has_one(base):
+    model = nn.Linear(4, 3)
+    optimizer = create_optimizer(model, "fsam", base=base, lr=0.1)
+    assert optimizer.base_optimizer.defaults["fused"] is True  # torch has fused SGD and AdamW for the CPU

@@ -67,11 +67,13 @@ def create_optimizer(
             raise ConfigError("no_decay_norm_and_bias needs the model, not a list of parameters")
         groups = list(model_or_params)
     if base == "sgd":
-        base_optimizer = torch.optim.SGD(
-            groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=True
+        base_optimizer = _fused_or_foreach(
+            torch.optim.SGD, groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
     else:
-        base_optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
+        base_optimizer = _fused_or_foreach(
+            torch.optim.AdamW, groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay
+        )
     try:
         if name == "sgd":
             return base_optimizer
@@ -82,3 +84,15 @@ def create_optimizer(
         )
     except ValueError as exc:
         raise ConfigError(f"optimizer.{exc}") from exc
+
+
+def _fused_or_foreach(cls: type[torch.optim.Optimizer], groups: list, **kwargs: Any) -> torch.optim.Optimizer:
+    """The base optimizer with torch's fused kernel (one pass over weights, gradients and state instead of three
+    or four) where this torch and these parameters' devices and dtypes have one; the foreach version otherwise.
+
+    Fused optimizers see only unscaled gradients here: ``train_step`` unscales before stepping.
+    """
+    try:
+        return cls([dict(group) for group in groups], fused=True, **kwargs)  # copies: a refusal leaves them as given
+    except (RuntimeError, ValueError, TypeError):
+        return cls(groups, foreach=True, **kwargs)

@@ -32,6 +32,11 @@ _EPS = 1e-12
 _STATE_VERSION = 1
 
 
+def _readable_without_sync(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is in host memory, so reading a value from one waits for no device."""
+    return all(t.device.type == "cpu" for t in tensors)
+
+
 def _check_range(name: str, value: float, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
@@ -126,8 +131,8 @@ class SAM(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = True, *, revertible: bool = False) -> None:
         """Move the weights to ``w + e`` along the (adaptive) normalised direction.
 
-        Reads the clean gradients in ``p.grad`` and overwrites them (with the perturbation), so by default
-        they are zeroed afterwards, ready for the perturbed backward pass.
+        Reads the clean gradients in ``p.grad`` and overwrites them (with the direction, or on accelerators the
+        perturbation itself), so by default they are zeroed afterwards, ready for the perturbed backward pass.
 
         Args:
             zero_grad: zero the gradients afterwards (set to None).
@@ -160,10 +165,15 @@ class SAM(torch.optim.Optimizer):
             grads, saved = grads_of[id(params)], saved_of[id(params)]
             if group["adaptive"]:
                 torch._foreach_mul_(grads, saved)
-            scale = inv_norm.to(params[0].device, non_blocking=True) * group["rho"]
-            torch._foreach_mul_(grads, scale)
             torch._foreach_copy_(saved, params)
-            torch._foreach_add_(params, grads)
+            if _readable_without_sync(params[0], inv_norm):
+                # On the CPU the norm is already a number (reading it waits for nothing), so the scale goes into
+                # the add as alpha: w + (rho/|d|)·d in one pass instead of scaling d first (two passes less).
+                torch._foreach_add_(params, grads, alpha=float(inv_norm) * group["rho"])
+            else:
+                scale = inv_norm.to(params[0].device, non_blocking=True) * group["rho"]
+                torch._foreach_mul_(grads, scale)  # a device tensor: no host synchronisation
+                torch._foreach_add_(params, grads)
             self._perturbed.append((params, saved))
         self.steps_taken += 1
         if zero_grad:
