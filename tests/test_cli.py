@@ -123,7 +123,6 @@ def test_relaunching_an_interrupted_run_continues_from_its_checkpoint(train_py, 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.slow
 def test_two_processes_under_torchrun_train_one_run_with_one_set_of_records(tiny_cli, isolated_records):
     repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -137,7 +136,6 @@ def test_two_processes_under_torchrun_train_one_run_with_one_set_of_records(tiny
     assert len(metrics_of(run_dir)) == 1
 
 
-@pytest.mark.slow
 def test_a_sweep_through_submitits_local_launcher_writes_the_folders_single_runs_find(train_py, tiny_cli, isolated_records):
     result = train_py("-m", "hydra/launcher=local", "optimizer=sgd,fsam", *tiny_cli, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fsam.engine.loop as loop
+from conftest import TINY_MODEL_CLI
 from fsam.engine import run
 from fsam.errors import CheckpointError
 
@@ -62,16 +63,32 @@ def finish(arguments: list[str], runs: Path) -> subprocess.CompletedProcess:
     )
 
 
+def long_arguments(cifar_root: Path) -> list[str]:
+    """The tiny run (conftest's tiny_cli) stretched to 4 epochs of 8 steps (32 steps), so a signal lands mid-run."""
+    return [
+        "dataset=cifar10", f"dataset.root={cifar_root}", "dataset.download=false", "dataset.num_workers=0",
+        *TINY_MODEL_CLI, "trainer.epochs=4", "trainer.batch_size=8", "trainer.device=cpu", "trainer.amp=off",
+    ]
+
+
 @pytest.fixture
-def long_cli(tiny_cli):
-    """The tiny run stretched to 4 epochs of 8 steps (32 steps), so a signal lands in the middle."""
-    return [*tiny_cli, "trainer.epochs=4", "trainer.batch_size=8"]
+def long_cli(cifar_root):
+    return long_arguments(cifar_root)
 
 
-def test_a_run_killed_with_sigkill_at_a_random_step_resumes_to_the_same_weights_and_metrics(long_cli, tmp_path):
-    arguments = [*long_cli, "trainer.checkpoint_every_steps=1", "optimizer=fsam"]
-    reference = finish(arguments, tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr
+@pytest.fixture(scope="module")
+def reference_dir(cifar_root, tmp_path_factory) -> Path:
+    """The uninterrupted run every stopped run must reproduce (checkpoint settings do not change results)."""
+    runs = tmp_path_factory.mktemp("reference")
+    result = finish(long_arguments(cifar_root), runs)
+    assert result.returncode == 0, result.stderr
+    return the_run_folder(runs)
+
+
+def test_a_run_killed_with_sigkill_at_a_random_step_resumes_to_the_same_weights_and_metrics(
+    long_cli, reference_dir, tmp_path
+):
+    arguments = [*long_cli, "trainer.checkpoint_every_steps=1"]
 
     kill_after = random.Random().randrange(3, 26)  # a different step on every test run; printed on failure
     runs = tmp_path / "killed"
@@ -93,17 +110,15 @@ def test_a_run_killed_with_sigkill_at_a_random_step_resumes_to_the_same_weights_
     resumed = finish(arguments, runs)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout, f"killed after step {kill_after} (checkpoint at {killed_at})"
-    reference_dir = the_run_folder(tmp_path / "reference")
     assert metrics_of(run_dir) == metrics_of(reference_dir), f"killed after step {kill_after}"
     straight, again = final_weights(reference_dir), final_weights(run_dir)
     assert all(torch.equal(straight[name], again[name]) for name in straight), f"killed after step {kill_after}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_checkpoints_mid_epoch_and_exits_with_128_plus_the_signal(signum, long_cli, tmp_path):
-    reference = finish(long_cli, tmp_path / "reference")  # checkpoints at epoch ends only
-    assert reference.returncode == 0, reference.stderr
-
+def test_a_stop_signal_checkpoints_mid_epoch_and_exits_with_128_plus_the_signal(
+    signum, long_cli, reference_dir, tmp_path
+):
     runs = tmp_path / "stopped"
     process = launch(long_cli, runs)
     first_line = process.stdout.readline()  # "training ...": the model is built, steps are starting
@@ -122,7 +137,6 @@ def test_a_stop_signal_checkpoints_mid_epoch_and_exits_with_128_plus_the_signal(
 
     resumed = finish(long_cli, runs)
     assert resumed.returncode == 0, resumed.stderr
-    reference_dir = the_run_folder(tmp_path / "reference")
     assert metrics_of(run_dir) == metrics_of(reference_dir)
     straight, again = final_weights(reference_dir), final_weights(run_dir)
     assert all(torch.equal(straight[name], again[name]) for name in straight)

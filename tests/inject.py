@@ -1,0 +1,67 @@
+"""Run ``train.py`` with one fault injected, as a real process: ``python tests/inject.py FAULT [arguments]``.
+
+The faults are the ones a cluster or a bad hyperparameter produces, made to happen on a CPU at a known step:
+
+- ``nan_loss``: from the 3rd loss on, the loss (and so every gradient) is NaN, as in a diverging run.
+- ``inf_once``: the 3rd loss is infinite (an fp16 overflow): its step must be skipped, the run goes on.
+- ``out_of_memory``: the 2nd training step raises torch's out-of-memory error.
+- ``no_wandb``: the wandb package cannot be imported.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _loss_after(calls: int, factor: float, *, once: bool) -> None:
+    forward = torch.nn.CrossEntropyLoss.forward
+    count = [0]
+
+    def faulty(self, logits, targets):
+        loss = forward(self, logits, targets)  # the engine's training loss (evaluation uses F.cross_entropy)
+        count[0] += 1
+        hit = count[0] == calls if once else count[0] >= calls
+        return loss * factor if hit else loss
+
+    torch.nn.CrossEntropyLoss.forward = faulty
+
+
+def _out_of_memory_at(step: int) -> None:
+    import fsam.engine.loop as loop
+
+    real, count = loop.train_step, [0]
+
+    def faulty(*args, **kwargs):
+        count[0] += 1
+        if count[0] == step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    loop.train_step = faulty
+
+
+def main() -> int:
+    fault, arguments = sys.argv[1], sys.argv[2:]
+    if fault == "nan_loss":
+        _loss_after(3, float("nan"), once=False)
+    elif fault == "inf_once":
+        _loss_after(3, float("inf"), once=True)
+    elif fault == "out_of_memory":
+        _out_of_memory_at(2)
+    elif fault == "no_wandb":
+        sys.modules["wandb"] = None  # import wandb raises ImportError
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+    sys.argv = [str(REPO / "train.py"), *arguments]
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")  # exits with train.py's status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
