@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fsam.errors import ConfigError
-from fsam.models.weight_init import init_weights
+from fsam.models.weight_init import PooledClassifier
 
 
 def _zero_padded_shortcut(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ class PyramidBottleneck(nn.Module):
         return out + _zero_padded_shortcut(x, self.out_channels, self.stride)
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(PooledClassifier):
     """PyramidNet-depth with widening factor alpha: images [B, 3, H, W] -> logits [B, num_classes].
 
     depth = 9N + 2 with bottleneck blocks (6N + 2 with basic blocks), N blocks in each of three stages; block k of
@@ -102,17 +102,10 @@ class PyramidNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-        init_weights(self)
+        self._add_head(in_channels, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (the head that fine-tuning replaces)."""
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = F.relu(self.bn(self.stages(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(features), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.stages(self.stem(x))))
 
 
 def pyramidnet110(num_classes: int, depth: int = 110, alpha: float = 270, bottleneck: bool = True) -> PyramidNet:

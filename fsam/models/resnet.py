@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fsam.models.weight_init import init_weights
+from fsam.models.weight_init import PooledClassifier
 
 
 def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -60,7 +60,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier):
     """CIFAR ResNet: images [B, 3, H, W] -> logits [B, num_classes].
 
     Built for H = W = 32 (the last stage sees 4x4); global average pooling makes any size from 8 up work.
@@ -82,17 +82,10 @@ class ResNet(nn.Module):
                 in_channels = channels * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-        init_weights(self)
+        self._add_head(in_channels, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (the head that fine-tuning replaces)."""
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pool(self.stages(self.stem(x)))
-        return self.fc(torch.flatten(features, 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 def resnet18(num_classes: int) -> ResNet:

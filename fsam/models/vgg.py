@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fsam.models.weight_init import init_weights
+from fsam.models.weight_init import PooledClassifier
 
 # Output channels of each 3x3 convolution; "M" is a 2x2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(PooledClassifier):
     """Images [B, 3, H, W] -> logits [B, num_classes]; at H = W = 32 the features end at 1x1 before the classifier."""
 
     def __init__(self, layout: tuple[int | str, ...], num_classes: int) -> None:
@@ -27,16 +27,10 @@ class VGG(nn.Module):
                 layers += [conv, nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
                 in_channels = item
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-        init_weights(self)
+        self._add_head(in_channels, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (the head that fine-tuning replaces)."""
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def vgg16_bn(num_classes: int) -> VGG:

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fsam.errors import ConfigError
-from fsam.models.weight_init import init_weights
+from fsam.models.weight_init import PooledClassifier
 
 
 class WideBlock(nn.Module):
@@ -31,7 +31,7 @@ class WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledClassifier):
     """WRN-depth-widen_factor: images [B, 3, H, W] -> logits [B, num_classes].
 
     depth = 6n + 4 with n blocks per stage; drop_rate is the dropout probability between a block's convolutions.
@@ -59,17 +59,10 @@ class WideResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-        init_weights(self)
+        self._add_head(in_channels, num_classes)
 
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (the head that fine-tuning replaces)."""
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = F.relu(self.bn(self.stages(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(features), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.stages(self.stem(x))))
 
 
 def wrn28_10(num_classes: int, drop_rate: float = 0.0) -> WideResNet:
