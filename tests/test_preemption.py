@@ -218,3 +218,42 @@ def test_a_checkpoint_of_another_model_or_optimizer_is_refused_by_name(tiny_conf
         run(tiny_config(**change))
     assert "use another run folder" in str(error.value)
     assert (Path(config["run_dir"]) / "checkpoints" / "last.pt").read_bytes() == before  # nothing overwritten
+
+
+def torchrun(arguments: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "train.py"), *arguments]
+
+
+def test_under_torchrun_sigterm_stops_both_processes_at_one_step_and_the_run_resumes_exactly(long_cli, tmp_path):
+    """torchrun hands SIGTERM to both workers; they agree on the step (log_every), save one checkpoint together,
+    and the relaunched run ends like the run that was never stopped."""
+    arguments = [*long_cli, "trainer.batch_size=4", "trainer.log_every=1"]  # 2 x 4 per step: 8 steps an epoch
+    env = {**os.environ, "FSAM_RUNS": str(tmp_path / "reference")}
+    reference = subprocess.run(torchrun(arguments), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+
+    env["FSAM_RUNS"] = str(tmp_path / "stopped")
+    process = subprocess.Popen(
+        torchrun(arguments), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = process.stdout.readline()
+    while line and not line.startswith("training"):
+        line = process.stdout.readline()
+    assert line.startswith("training"), process.communicate(timeout=60)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "stopped by SIGTERM in epoch" in err, err
+    run_dir = the_run_folder(tmp_path / "stopped")
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["global_step"] < 32 and not (run_dir / "summary.json").exists()
+    assert f"after step {state['global_step']}:" in err  # the step rank 0 saved is the step both stopped at
+
+    resumed = subprocess.run(torchrun(arguments), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference_dir = the_run_folder(tmp_path / "reference")
+    assert metrics_of(run_dir) == metrics_of(reference_dir)
+    straight, again = final_weights(reference_dir), final_weights(run_dir)
+    assert all(torch.equal(straight[name], again[name]) for name in straight)

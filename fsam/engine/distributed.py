@@ -128,6 +128,15 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(value: Any, dst: int = 0) -> list[Any] | None:
+    """Every process's ``value`` (picklable; keep tensors on the CPU) as a list on rank ``dst``, None elsewhere."""
+    if not is_active():
+        return [value]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(value, gathered, dst=dst)
+    return gathered
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -33,7 +33,7 @@ from fsam.engine.schedule import create_schedule
 from fsam.engine.wandb_mirror import WandbMirror, new_run_id
 from fsam.errors import CheckpointError, DataError, DivergedError, FsamError
 from fsam.models import create_model
-from fsam.optim import Precision, create_optimizer, train_step
+from fsam.optim import SAM, Precision, create_optimizer, train_step
 
 CHECKPOINT_FORMAT = 1
 # Settings a checkpoint must share with the run that loads it: its tensors mean nothing under other ones.
@@ -202,7 +202,7 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
-    def _state(self, epoch_totals: dict[str, Any]) -> dict[str, Any]:
+    def _state(self, epoch_totals: dict[str, Any], replicas: list[dict[str, Any]] | None) -> dict[str, Any]:
         progress = self.progress
         return {
             "format": CHECKPOINT_FORMAT,
@@ -214,6 +214,7 @@ class _Trainer:
             "batch": progress.batch,
             "global_step": progress.global_step,
             "epoch_totals": epoch_totals,
+            "replicas": replicas,
             "best_top1": progress.best_top1,
             "best_epoch": progress.best_epoch,
             "metrics": progress.metrics,
@@ -227,15 +228,29 @@ class _Trainer:
         return time.perf_counter() - self.launched_at
 
     def _save(self, *, best: bool = False) -> None:
-        """Called by every process at the same step (the totals of all processes are summed), written by one."""
-        totals = self.totals.to_plain()
+        """Called by every process at the same step, written by one.
+
+        Under DDP the checkpoint also holds what differs between processes (``replicas``, one entry per rank):
+        each one's partial epoch sums and, when the clean pass is per replica, its own F-SAM EMA. Resuming with
+        the same number of processes gives each its own back, so the run continues bit for bit; the summed
+        ``epoch_totals`` serve a resume with another number of processes.
+        """
+        totals, replicas = self.totals.to_plain(), None
         if self.info.distributed:
             summed = EpochTotals.zeros(self.device)
             for name in ("loss_sum", "correct", "count", "skipped"):
                 getattr(summed, name).copy_(distributed.all_reduce_sum(getattr(self.totals, name).clone()))
             totals = {**summed.to_plain(), "train_time_s": self.totals.train_time_s}
+            replicas = distributed.gather_object({"totals": self.totals.to_plain(), "method": self._replica_state()})
         if self.info.is_main:
-            self.store.save(self._state(totals), best=best)
+            self.store.save(self._state(totals, replicas), best=best)
+
+    def _replica_state(self) -> dict[str, Any] | None:
+        """This process's own SAM-family state (the F-SAM EMA) on the CPU; None where every replica has the same."""
+        if not isinstance(self.optimizer, SAM) or self.config.trainer.sync_clean_pass:
+            return None
+        state = self.optimizer._method_state()
+        return {key: [t.cpu() if torch.is_tensor(t) else t for t in value] for key, value in state.items()} or None
 
     def _resume(self) -> bool:
         state = self.store.load_latest(map_location=self.device)
@@ -258,8 +273,22 @@ class _Trainer:
             best_top1=state["best_top1"], best_epoch=state["best_epoch"], metrics=list(state["metrics"]),
             wall_time_s=state["wall_time_s"], wandb_id=state["wandb_id"],
         )
-        if self.info.is_main:  # the saved totals are those of all processes: counted once
-            self.totals = EpochTotals.from_plain(state["epoch_totals"], self.device)
+        replicas = state.get("replicas")
+        if self.info.distributed and replicas and len(replicas) == self.info.world_size:
+            own = replicas[self.info.rank]
+            self.totals = EpochTotals.from_plain(own["totals"], self.device)
+            if own["method"] is not None:
+                self.optimizer._load_method_state(own["method"])
+        else:
+            if replicas and self.info.is_main:
+                print(
+                    f"warning: the checkpoint was written by {len(replicas)} processes and this run has "
+                    f"{self.info.world_size}: every process continues from rank 0's F-SAM EMA, and the metrics "
+                    "of this epoch may differ in the last digits from an uninterrupted run",
+                    file=sys.stderr,
+                )
+            if self.info.is_main:  # the saved totals are those of all processes: counted once
+                self.totals = EpochTotals.from_plain(state["epoch_totals"], self.device)
         self.launched_at = time.perf_counter()
         return True
 
