@@ -32,9 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fsam.config import RunConfig, load_config, run_folder
-from fsam.engine import run
-from fsam.engine.preemption import Interrupted
-from fsam.errors import ConfigError, FsamError
+from fsam.errors import ConfigError, FsamError, Interrupted
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "dataset", "optimizer", "schedule", "logger", "experiment")
@@ -50,7 +48,10 @@ def train(cfg: DictConfig) -> None:
     # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
     run_folder.register_resolver()
     try:
-        run(load_config(OmegaConf.to_container(cfg, resolve=True)))
+        config = load_config(OmegaConf.to_container(cfg, resolve=True))
+        from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
+
+        run(config)
     except Interrupted:
         raise  # a stop signal ends the whole sweep, not only this job
     except FsamError as error:

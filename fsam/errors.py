@@ -24,3 +24,16 @@ class CheckpointError(FsamError):
 
 class DivergedError(FsamError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(FsamError):
+    """The run stopped on a signal after writing a checkpoint; relaunching the same command continues it.
+
+    ``exit_status`` is the shell's convention for death by that signal (128 + number), so a batch script can
+    tell a stop that should be requeued from a failure.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum

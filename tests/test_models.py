@@ -332,3 +332,9 @@ def test_config_group_has_one_file_per_model_with_exactly_the_engine_keys():
         assert set(config) == {"name", "pretrained_path", "kwargs"}, option
         assert config["pretrained_path"] is None and config["kwargs"] == {}, option
         assert config["name"] == (option if option != "timm" else "timm:resnet18"), option
+
+
+def test_the_torch_free_list_of_model_names_is_the_factorys():
+    from fsam.names import MODEL_NAMES
+
+    assert list(MODEL_NAMES) == available_models()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from fsam.data import DATASETS, NOISE_KINDS
-from fsam.optim import BASE_OPTIMIZERS, METHODS, PRECISION_MODES
+from fsam.names import BASE_OPTIMIZERS, METHODS, PRECISION_MODES
 
 
 @dataclass(frozen=True)

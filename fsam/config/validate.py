@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from fsam.config.schema import RunConfig
 from fsam.errors import ConfigError
-from fsam.models import TIMM_PREFIX, available_models
+from fsam.names import MODEL_NAMES, TIMM_PREFIX
 
 T = TypeVar("T")
 
@@ -116,9 +116,9 @@ def _show(value: Any) -> str:
 
 def _check_across_keys(run: RunConfig) -> None:
     name = run.model.name
-    if name not in available_models() and not (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
+    if name not in MODEL_NAMES and not (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
         raise ConfigError(
-            f"model.name={name!r} is not a model: choose one of {', '.join(available_models())}, "
+            f"model.name={name!r} is not a model: choose one of {', '.join(MODEL_NAMES)}, "
             f"or {TIMM_PREFIX}<any timm model name>"
         )
     trainer = run.trainer

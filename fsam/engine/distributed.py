@@ -128,6 +128,19 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every process rank ``src``'s buffers (BatchNorm running statistics).
+
+    Without SyncBatchNorm each replica updates its running statistics from its own batches, so the replicas'
+    statistics drift apart (DDP broadcasts them only in forward passes that synchronise). Evaluating after this
+    scores the model that rank 0 saves in the checkpoint, on every shard.
+    """
+    if not is_active():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=src)
+
+
 def gather_object(value: Any, dst: int = 0) -> list[Any] | None:
     """Every process's ``value`` (picklable; keep tensors on the CPU) as a list on rank ``dst``, None elsewhere."""
     if not is_active():

@@ -456,6 +456,7 @@ class _Trainer:
         sums = torch.stack([t.double() for t in (totals.loss_sum, totals.correct, totals.count, totals.skipped)])
         loss_sum, correct, count, skipped = distributed.all_reduce_sum(sums).tolist()
         train_time = totals.train_time_s
+        distributed.broadcast_buffers(self.model)  # score the model rank 0 saves, on every shard
         test = evaluate(self.model, self.data.test, self.precision, self.device)
         epoch = progress.epoch + 1
         row = {

@@ -25,22 +25,10 @@ from typing import Any, Callable
 import torch
 
 from fsam.engine import distributed
-from fsam.errors import FsamError
+from fsam.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class Interrupted(FsamError):
-    """The run stopped on a signal after writing a checkpoint; relaunching the same command continues it.
-
-    ``exit_status`` is the shell's convention for death by that signal (128 + number), so a batch script can
-    tell a stop that should be requeued from a failure.
-    """
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_status = 128 + signum
+__all__ = ["Interrupted", "STOP_SIGNALS", "StopSignals", "signal_name"]
 
 
 class StopSignals:

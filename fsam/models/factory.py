@@ -14,8 +14,8 @@ from fsam.models.pyramidnet import pyramidnet110
 from fsam.models.resnet import resnet18, resnet34, resnet50
 from fsam.models.vgg import vgg16_bn
 from fsam.models.wide_resnet import wrn16_8, wrn28_10
+from fsam.names import TIMM_PREFIX
 
-TIMM_PREFIX = "timm:"
 
 # Models written here for 32x32 inputs; each builder takes num_classes and its own keyword arguments.
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from fsam.errors import ConfigError
+from fsam.names import BASE_OPTIMIZERS, METHODS
 from fsam.optim.sam import FSAM, SAM
 
-METHODS = ("sgd", "sam", "asam", "fsam", "fasam")
-BASE_OPTIMIZERS = ("sgd", "adamw")
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool) -> list[dict[str, Any]]:

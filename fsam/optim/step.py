@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from fsam.names import PRECISION_MODES
 from fsam.optim.sam import SAM
 
-PRECISION_MODES = ("bf16", "fp16", "off")
 
 
 @dataclass

@@ -1,0 +1,16 @@
+"""The names a config may choose from, importable without torch.
+
+The config schema checks a command line against these before anything heavy is imported, so a typo costs a
+second, not the several seconds torch takes to load. Each package that implements the names re-exports them
+(``fsam.optim.METHODS``, ...); ``tests/test_models.py`` checks that ``MODEL_NAMES`` matches the model factory.
+"""
+
+METHODS = ("sgd", "sam", "asam", "fsam", "fasam")
+BASE_OPTIMIZERS = ("sgd", "adamw")
+PRECISION_MODES = ("bf16", "fp16", "off")
+# fsam.models.available_models(): the CIFAR-stem models written here and the short names of timm models
+MODEL_NAMES = (
+    "deit_small", "pyramidnet110", "resnet18", "resnet34", "resnet50", "resnet50_imagenet", "vgg16_bn",
+    "vit_cifar", "vit_small", "wrn16_8", "wrn28_10",
+)
+TIMM_PREFIX = "timm:"
