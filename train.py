@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shutil
 import sys
 import tempfile
 import typing
@@ -134,6 +135,15 @@ def check_group_option(override: Override) -> None:
             )
 
 
+def check_launcher(arguments: list[str]) -> None:
+    """Refuse the SLURM launcher where SLURM is not installed (submitit would fail with a traceback)."""
+    if "hydra/launcher=slurm" in arguments and shutil.which("srun") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm needs SLURM (srun and sbatch on PATH): run the command on the cluster's login "
+            "node, or try the sweep on this machine with hydra/launcher=local"
+        )
+
+
 def check_output_root() -> None:
     """Refuse, before Hydra or the engine writes anything, a runs folder that cannot be created or written."""
     root = Path(os.environ.get("FSAM_RUNS", "runs"))
@@ -169,6 +179,7 @@ def main() -> int:
     try:
         sys.argv[1:] = canonical_arguments(sys.argv[1:])
         check_output_root()
+        check_launcher(sys.argv[1:])
         train()
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)

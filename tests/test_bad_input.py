@@ -180,6 +180,10 @@ CASES = {
         args("logger=wandb", "logger.mode=online"), "is unreachable: logging offline", status=0, warning=True,
         env={"WANDB_MODE": None, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"},
     ),
+    "SLURM launcher off a cluster": Case(
+        args("-m", "hydra/launcher=slurm"), "hydra/launcher=slurm needs SLURM (srun and sbatch on PATH)",
+        env={"PATH": "{tmp}/no-slurm:/usr/bin:/bin"},
+    ),
     "unwritable runs folder": Case(unwritable_runs, "cannot be written", env={"FSAM_RUNS": "{tmp}/a-file/runs"}),
     # --- checkpoints -----------------------------------------------------------------------------------------
     "corrupt checkpoint": Case(interrupted_run(corrupt=True), "no readable checkpoint in"),
