@@ -3,6 +3,7 @@
 - ``write_cifar_archive``: the official python-pickle layout (``cifar-10-batches-py/data_batch_1..5``,
   ``test_batch``, ``batches.meta``; ``cifar-100-python/train``, ``test``, ``meta``) packed into the official
   ``.tar.gz`` name, and extracted next to it as a finished download would be.
+- ``rewrite_cifar_batch``: one extracted batch with some entries replaced, to plant bad pixels or labels.
 - ``write_imagefolder``: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
 The pickles use bytes keys: that is what the official archives (pickled by Python 2) give under
@@ -124,6 +125,19 @@ def write_cifar_archive(
             shutil.rmtree(folder / FOLDERS[variant], ignore_errors=True)
             shutil.copytree(data_folder, folder / FOLDERS[variant])
     return archive
+
+
+def rewrite_cifar_batch(folder: str | Path, variant: str, batch_name: str, **entries: object) -> Path:
+    """Replace entries (``data``, ``labels``, ``fine_labels``, ``coarse_labels``) of one extracted batch file.
+
+    ``folder`` is what ``write_cifar_archive`` was given; returns the batch file's path.
+    """
+    path = Path(folder) / FOLDERS[variant] / batch_name
+    with open(path, "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    batch.update({key.encode(): value for key, value in entries.items()})
+    _write_pickle(path, batch)
+    return path
 
 
 def write_imagefolder(folder: str | Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:

@@ -23,6 +23,7 @@ from datagen import (
     FOLDERS,
     cifar_arrays,
     md5_of,
+    rewrite_cifar_batch,
     superclass_of,
     write_cifar_archive,
     write_imagefolder,
@@ -138,6 +139,81 @@ def test_a_missing_data_set_with_download_off_names_the_folder_and_the_keys(tmp_
     expected = (str(tmp_path), "cifar-100-python.tar.gz", "dataset.root=", "dataset.download=false", "https://www.cs")
     for part in expected:
         assert part in message
+
+
+@pytest.mark.parametrize(
+    ("pixels", "described"),
+    [
+        (np.linspace(0, 1, 32 * 3072, dtype=np.float32).reshape(32, 3072), r"float32 pixels in \[0, 1\]"),
+        (np.full((32, 3072), 300, dtype=np.int64), r"int64 pixels in \[300, 300\]"),
+    ],
+    ids=["float32-in-0-1", "int64-above-255"],
+)
+def test_pixels_that_are_not_uint8_are_refused_not_cast(tmp_path, pixels, described):
+    """A cast to uint8 would turn [0, 1] floats into black images (and wrap 300 to 44) and train on them."""
+    write_cifar_archive(tmp_path)
+    path = rewrite_cifar_batch(tmp_path, "cifar10", "test_batch", data=pixels)
+    with pytest.raises(DataError, match=described) as error:
+        build_data("cifar10", str(tmp_path), batch_size=8, download=False)
+    message = str(error.value)
+    assert str(path) in message and "uint8 pixels 0-255" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("bad", [3.0, 2.7])
+@pytest.mark.parametrize(("variant", "batch_name", "key"), [("cifar10", "data_batch_2", "labels"),
+                                                             ("cifar100", "test", "fine_labels")])
+def test_labels_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, variant, batch_name, key, bad):
+    write_cifar_archive(tmp_path, variant)
+    labels = [1] * (64 if batch_name == "train" else 32 if batch_name == "test" else 13)
+    labels[5] = bad
+    path = rewrite_cifar_batch(tmp_path, variant, batch_name, **{key: labels})
+    with pytest.raises(DataError) as error:
+        build_data(variant, str(tmp_path), batch_size=8, download=False)
+    message = str(error.value)
+    assert str(path) in message and f"label {bad!r} in {key!r}" in message and "whole numbers" in message
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_labels_out_of_range_are_refused_naming_the_value(tmp_path, bad):
+    write_cifar_archive(tmp_path)
+    path = rewrite_cifar_batch(tmp_path, "cifar10", "test_batch", labels=[bad] + [0] * 31)
+    with pytest.raises(DataError, match=rf"label {bad} in 'labels'.*\[0, 10\)") as error:
+        build_data("cifar10", str(tmp_path), batch_size=8, download=False)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("variant", "batch_names", "split"),
+    [("cifar10", ["test_batch"], "test"), ("cifar100", ["test"], "test"), ("cifar100", ["train"], "training"),
+     ("cifar10", [f"data_batch_{number}" for number in range(1, 6)], "training")],
+    ids=["cifar10-test", "cifar100-test", "cifar100-train", "cifar10-train"],
+)
+def test_an_empty_cifar_split_is_refused(tmp_path, variant, batch_names, split):
+    """An empty test split would let a run "finish" at 0 % accuracy of nothing."""
+    write_cifar_archive(tmp_path, variant)
+    label_key = "labels" if variant == "cifar10" else "fine_labels"
+    for name in batch_names:
+        rewrite_cifar_batch(tmp_path, variant, name, data=np.zeros((0, 3072), np.uint8), **{label_key: []},
+                            **({"coarse_labels": []} if variant == "cifar100" else {}))
+    with pytest.raises(DataError, match=f"holds no {split} images") as error:
+        build_data(variant, str(tmp_path), batch_size=1, download=False)
+    assert str(tmp_path / FOLDERS[variant]) in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet"])
+def test_a_root_that_is_a_file_is_refused_even_with_download_on(tmp_path, name):
+    root = tmp_path / "data.tar.gz"
+    root.write_bytes(b"not a folder")
+    with pytest.raises(DataError, match=f"^dataset.root={root} is a file, not a folder: "):
+        build_data(name, str(root), batch_size=4, download=True, url="http://127.0.0.1:9/never-reached")
+
+
+def test_a_root_that_cannot_be_created_names_the_key_and_the_reason(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"")
+    root = blocker / "cifar"
+    with pytest.raises(DataError, match=f"cannot create the folder dataset.root={root} .*Not a directory"):
+        build_data("cifar10", str(root), batch_size=4, download=True, url="http://127.0.0.1:9/never-reached")
 
 
 # --- download ----------------------------------------------------------------------------------------------------
@@ -519,6 +595,14 @@ def test_an_imagefolder_without_images_is_refused(tmp_path):
     for split in ("train", "val"):
         (tmp_path / split / "class_0").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
+        build_data("imagenet", str(tmp_path), batch_size=4, image_size=32)
+
+
+def test_an_imagefolder_with_an_empty_val_split_is_refused(tmp_path):
+    write_imagefolder(tmp_path, classes=2, per_class=2)
+    for image in (tmp_path / "val").rglob("*.JPEG"):
+        image.unlink()
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'} holds no images"):
         build_data("imagenet", str(tmp_path), batch_size=4, image_size=32)
 
 

@@ -33,6 +33,7 @@ from fsam.errors import DataError
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_SIZE = 32
+CIFAR100_SUPERCLASSES = 20
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
 
@@ -111,8 +112,9 @@ def load_cifar(
     rank 0 prepares the folder while the others wait, then they only read it.
 
     Raises:
-        DataError: the data is missing (and may not be downloaded), the download failed, the archive is corrupt,
-            the folder is incomplete, or ``root`` holds the other CIFAR variant.
+        DataError: ``root`` is a file, the data is missing (and may not be downloaded), the download failed, the
+            archive is corrupt, the folder is incomplete, ``root`` holds the other CIFAR variant, a batch holds
+            pixels that are not uint8 or labels that are not class numbers, or a split has no images.
     """
     variant = VARIANTS[name]
 
@@ -140,6 +142,11 @@ def _rank_zero_first(prepare: Callable[[bool], Path], download: bool, rank: int,
 
 def prepare_folder(variant: CifarVariant, root: Path, *, download: bool, url: str | None, md5: str | None) -> Path:
     """The complete extracted folder of ``variant`` under ``root``, made from the archive when needed."""
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"dataset.root={root} is a file, not a folder: point dataset.root= at the folder that holds (or is to "
+            f"hold) {variant.folder}/ or {variant.archive}"
+        )
     folder = root / variant.folder
     archive = root / variant.archive
     if folder.is_dir():
@@ -167,9 +174,21 @@ def prepare_folder(variant: CifarVariant, root: Path, *, download: bool, url: st
 
 
 def read_folder(variant: CifarVariant, folder: Path) -> CifarSplits:
-    """Read the pickled batches of an extracted folder into arrays."""
+    """Read the pickled batches of an extracted folder into arrays.
+
+    Raises:
+        DataError: a batch is unreadable or holds pixels or labels that cannot be CIFAR's, or a split is empty.
+    """
     train = [_read_batch(variant, folder / name) for name in variant.train_files]
     test = [_read_batch(variant, folder / name) for name in variant.test_files]
+    for split, files, batches in (("training", variant.train_files, train), ("test", variant.test_files, test)):
+        if not sum(len(batch["labels"]) for batch in batches):
+            # An empty test split would "finish" a run at 0 % accuracy of nothing; an empty training split trains
+            # nothing.
+            raise DataError(
+                f"{folder} holds no {split} images ({', '.join(files)}: 0 examples): delete {folder} to extract "
+                f"it again from {variant.archive}"
+            )
     coarse = None
     if variant.name == "cifar100":
         coarse = np.concatenate([batch["coarse"] for batch in train])
@@ -184,28 +203,69 @@ def read_folder(variant: CifarVariant, folder: Path) -> CifarSplits:
 
 def _read_batch(variant: CifarVariant, path: Path) -> dict[str, np.ndarray]:
     """One pickled batch: ``images`` uint8 [n, 3, 32, 32], ``labels`` int64 [n] (CIFAR-100: ``coarse`` too)."""
+    refetch = f"delete {path.parent} to extract it again from {variant.archive}"
     try:
         with open(path, "rb") as file:
             # The official archives were pickled by Python 2: bytes keys under encoding="bytes".
             content = pickle.load(file, encoding="bytes")
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
-        pixels = np.asarray(batch["data"], dtype=np.uint8)
+        pixels = _pixels(path, batch["data"], refetch)
         images = pixels.reshape(len(pixels), 3, IMAGE_SIZE, IMAGE_SIZE)
-        labels = np.asarray(batch[variant.label_key], dtype=np.int64)
-        read = {"images": images, "labels": labels}
+        read = {"images": images, "labels": _labels(path, variant.label_key, batch, variant.num_classes, refetch)}
         if variant.name == "cifar100":
-            read["coarse"] = np.asarray(batch["coarse_labels"], dtype=np.int64)
+            read["coarse"] = _labels(path, "coarse_labels", batch, CIFAR100_SUPERCLASSES, refetch)
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, ValueError, TypeError) as error:
-        raise DataError(
-            f"{path} is not a readable {variant.title} batch ({_one_line(error)}): delete {path.parent} to extract "
-            f"it again from {variant.archive}"
-        ) from error
-    if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() < variant.num_classes):
-        raise DataError(
-            f"{path} does not hold {variant.title} labels ({len(images)} images, {len(labels)} labels in "
-            f"[0, {variant.num_classes})): delete {path.parent} to extract it again from {variant.archive}"
-        )
+        raise DataError(f"{path} is not a readable {variant.title} batch ({_one_line(error)}): {refetch}") from error
+    for key in ("labels", "coarse"):
+        if key in read and len(read[key]) != len(images):
+            raise DataError(f"{path} holds {len(images)} images but {len(read[key])} {key} labels: {refetch}")
     return read
+
+
+def _pixels(path: Path, data: object, refetch: str) -> np.ndarray:
+    """The batch's ``data`` as uint8 [n, 3072], refusing values that a cast to uint8 would change.
+
+    Float pixels (say float32 in [0, 1]) would become black images under a cast, and training on them would go
+    unnoticed; integers outside 0-255 would wrap around.
+    """
+    values = np.asarray(data)
+    if values.size == 0 or values.dtype == np.uint8:
+        return values.astype(np.uint8, copy=False)
+    if values.dtype.kind in "iuf":
+        low, high = values.min(), values.max()
+        if values.dtype.kind in "iu" and 0 <= low and high <= 255:
+            return values.astype(np.uint8)
+        found = f"{values.dtype} pixels in [{low:.4g}, {high:.4g}]"
+    else:
+        found = f"{values.dtype} pixels"
+    raise DataError(f"{path} holds {found}: CIFAR batches hold uint8 pixels 0-255; {refetch}")
+
+
+def _labels(path: Path, key: str, batch: dict, num_classes: int, refetch: str) -> np.ndarray:
+    """The batch's ``key`` labels as int64 [n], refusing any that is not a whole number in [0, num_classes).
+
+    Checked before the cast, which would truncate 2.7 to class 2.
+    """
+    raw = batch[key]
+    values = np.asarray(raw)
+    if values.size and values.dtype.kind not in "iu":
+        # Name the first value that is not an integer as written (a list may mix ints and floats).
+        items = raw if isinstance(raw, (list, tuple)) else values.reshape(-1).tolist()
+        bad = next((item for item in items if isinstance(item, bool) or not isinstance(item, (int, np.integer))),
+                   items[0])  # integers too large for int64
+        bad = bad.item() if isinstance(bad, np.generic) else bad
+        raise DataError(
+            f"{path} holds the label {bad!r} in {key!r}: CIFAR labels are whole numbers in [0, {num_classes}); "
+            f"{refetch}"
+        )
+    labels = values.astype(np.int64).reshape(-1)
+    out_of_range = labels[(labels < 0) | (labels >= num_classes)]
+    if len(out_of_range):
+        raise DataError(
+            f"{path} holds the label {int(out_of_range[0])} in {key!r}: CIFAR labels are whole numbers in "
+            f"[0, {num_classes}); {refetch}"
+        )
+    return labels
 
 
 def _missing_file(variant: CifarVariant, folder: Path) -> str | None:
@@ -273,7 +333,13 @@ def _extract(variant: CifarVariant, archive: Path, root: Path) -> None:
 
 def _download(variant: CifarVariant, url: str, md5: str, root: Path) -> None:
     """Download ``url`` to ``root/<archive>.<random>.part``, check its md5, and only then give it its name."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in its path, no permission
+        raise DataError(
+            f"cannot create the folder dataset.root={root} to download {variant.title} into "
+            f"({_one_line(error)}): point dataset.root= at a folder you can write"
+        ) from error
     archive = root / variant.archive
     handle, part_name = tempfile.mkstemp(prefix=f"{variant.archive}.", suffix=".part", dir=root)
     part = Path(part_name)

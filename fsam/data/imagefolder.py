@@ -43,9 +43,12 @@ def scan_imagefolder(root: str | Path) -> FolderSplits:
     """List the images of ``root/train`` and ``root/val``, sorted by class and file name.
 
     Raises:
-        DataError: a split folder is missing, holds no images, or ``val`` has a class that ``train`` lacks.
+        DataError: ``root`` is a file, a split folder is missing or holds no images (an empty ``val`` would score
+            nothing), or ``val`` has a class that ``train`` lacks.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"dataset.root={root} is a file, not a folder: point dataset.root= at a folder holding {LAYOUT}")
     splits = [root / "train", root / "val"]
     if not all(folder.is_dir() for folder in splits):
         raise DataError(
