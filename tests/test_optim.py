@@ -119,6 +119,22 @@ def test_fsam_adaptive_matches_hand_computation():
     assert torch.allclose(w, torch.tensor(expected, dtype=w.dtype), atol=1e-12)
 
 
+def test_create_optimizer_fasam_is_fsam_with_the_asam_scaling():
+    def factory(name):
+        settings = dict(lr=LR, momentum=0.0, weight_decay=0.0, rho=1.0, sigma=0.5, lmbda=0.6)
+        return lambda p: create_optimizer(p, name, **settings)
+
+    fasam, _ = run_quadratic(factory("fasam"), steps=3)
+    built_by_hand, _ = run_quadratic(
+        lambda p: FSAM(p, torch.optim.SGD, rho=1.0, sigma=0.5, lmbda=0.6, adaptive=True, lr=LR), steps=3
+    )
+    expected = sam_by_hand(3, rho=1.0, adaptive=True, direction=fsam_direction(0.5, 0.6, "code"))
+    assert torch.allclose(fasam, built_by_hand, atol=1e-12)
+    assert torch.allclose(fasam, torch.tensor(expected, dtype=fasam.dtype), atol=1e-12)
+    fsam, _ = run_quadratic(factory("fsam"), steps=3)
+    assert not torch.allclose(fasam, fsam, atol=1e-3)
+
+
 def test_fsam_first_step_is_plain_sam():
     w_fsam, _ = run_quadratic(lambda p: FSAM(p, torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.6, lr=LR), steps=1)
     w_sam, _ = run_quadratic(lambda p: SAM(p, torch.optim.SGD, rho=RHO, lr=LR), steps=1)
