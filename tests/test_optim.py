@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -198,15 +199,6 @@ def test_param_groups_share_one_global_norm_and_their_own_settings():
     assert torch.equal(w2.detach(), torch.tensor(W0[2:], dtype=torch.float64))  # lr 0: restored exactly
 
 
-def test_scheduler_on_base_optimizer_drives_the_wrapper():
-    model = nn.Linear(3, 2)
-    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
-    scheduler.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    assert opt.param_groups is opt.base_optimizer.param_groups
-
-
 def test_parameters_without_gradients_are_left_alone():
     used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
     opt = FSAM([used, unused], torch.optim.SGD, lr=0.1, rho=0.5)
@@ -217,6 +209,73 @@ def test_parameters_without_gradients_are_left_alone():
         opt.second_step(zero_grad=True)
     assert torch.equal(unused.detach(), torch.ones(3))
     assert "ema" not in opt.state[unused] and "saved_weights" not in opt.state[unused]
+
+
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_first_step_without_any_gradient_says_so_and_counts_nothing(method):
+    model = nn.Linear(3, 2)
+    opt = create_optimizer(model, method, lr=0.1)
+    x = torch.randn(4, 3)
+    model(x).square().mean().backward()
+    opt.step(lambda: model(x).square().mean().backward())
+    opt.zero_grad(set_to_none=True)
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"no parameter with a gradient: call loss\.backward\(\) before first_step\(\)"):
+        opt.first_step()
+    assert opt.steps_taken == 1
+    assert_identical(model.state_dict(), weights)
+    assert_identical(opt.state_dict(), state)
+    model(x).square().mean().backward()  # the next step runs as if the failed call never happened
+    opt.first_step()
+    model(x).square().mean().backward()
+    opt.second_step()
+    assert opt.steps_taken == 2
+
+
+@pytest.mark.parametrize("usage", ["closure", "first-and-second-step"])
+@pytest.mark.parametrize("attached_to", ["wrapper", "base optimizer"])
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_a_scheduler_on_either_object_sees_the_step_and_does_not_warn(method, attached_to, usage):
+    model = nn.Linear(3, 2)
+    opt = create_optimizer(model, method, lr=0.1)
+    x = torch.randn(4, 3)
+    loss = lambda: model(x).square().mean()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would raise here
+        target = opt if attached_to == "wrapper" else opt.base_optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(target, step_size=1, gamma=0.5)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            if usage == "closure":
+                opt.step(lambda: loss().backward())
+            else:
+                opt.first_step()
+                loss().backward()
+                opt.second_step()
+            scheduler.step()
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 8)  # each object sees the schedule of the other
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["host-path", "accelerator-path"])
+@pytest.mark.parametrize("method", ["sam", "asam", "fsam", "fasam"])
+def test_an_all_zero_gradient_leaves_the_weights_finite_and_unchanged(method, device_path, monkeypatch):
+    """A dead layer or a zero loss gives a zero direction: its norm is 0, and without an epsilon 0 / 0 is NaN."""
+    import fsam.optim.sam as sam_module
+
+    if device_path:
+        monkeypatch.setattr(sam_module, "_readable_without_sync", lambda *tensors: False)
+    start = [0.0, 1.0, -2.0]  # a zero weight: ASAM's scale |w| is zero there too
+    w = nn.Parameter(torch.tensor(start))
+    opt = create_optimizer([w], method, lr=0.1, momentum=0.9, weight_decay=0.0, rho=0.5)
+    for _ in range(2):  # F-SAM: the first step is plain SAM, the second uses the (zero) EMA
+        (w * 0.0).sum().backward()
+        opt.first_step()
+        assert torch.isfinite(w).all() and torch.equal(w.detach(), torch.tensor(start))
+        (w * 0.0).sum().backward()
+        opt.second_step(zero_grad=True)
+    assert torch.equal(w.detach(), torch.tensor(start))
 
 
 def test_weights_are_restored_bitwise_into_the_same_storage():
@@ -329,6 +388,22 @@ class InfAt:
             loss = loss * float("inf")
         self.count += 1
         return loss
+
+
+def assert_identical(a, b, where="state"):
+    """Nested dicts, lists and tensors equal bitwise, everything else by ==."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
 
 
 def snapshot(model, opt):

@@ -138,10 +138,18 @@ class SAM(torch.optim.Optimizer):
             zero_grad: zero the gradients afterwards (set to None).
             revertible: keep what ``revert()`` needs to undo the whole step exactly (F-SAM then keeps a copy
                 of its EMA). ``train_step`` sets it under fp16, where a step can turn out non-finite.
+
+        Raises:
+            RuntimeError: no parameter has a gradient (nothing is changed or counted).
         """
         if self._perturbed:
             raise RuntimeError("first_step() was called twice without second_step() or revert() in between")
         buckets = self._buckets()
+        if not buckets:
+            # Checked before anything changes: counting this step would only defer the failure to second_step().
+            raise RuntimeError(
+                "first_step() found no parameter with a gradient: call loss.backward() before first_step()"
+            )
         for group, params in buckets:
             self._make_direction(group, params, revertible)
 
@@ -159,7 +167,8 @@ class SAM(torch.optim.Optimizer):
 
         norm = self._global_norm([g for _, params in buckets for g in grads_of[id(params)]])
         self.last_grad_norm = norm
-        inv_norm = None if norm is None else (norm + _EPS).reciprocal()
+        # _EPS keeps a zero direction (a dead layer, a zero loss) a zero perturbation: 0 / 0 would be NaN weights.
+        inv_norm = (norm + _EPS).reciprocal()
 
         for group, params in buckets:
             grads, saved = grads_of[id(params)], saved_of[id(params)]
@@ -210,6 +219,10 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step() needs a first_step() before it")
         self.restore()
         self.base_optimizer.step()
+        # What torch's LR scheduler wrapper around self.step() records; a loop that drives first_step() and
+        # second_step() never calls step(), and a scheduler attached to this object would warn that
+        # lr_scheduler.step() came before optimizer.step().
+        self._opt_called = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
