@@ -273,11 +273,34 @@ def test_missing_weights_file_raises_config_error_naming_the_path(tmp_path):
     assert str(path) in str(error.value)
 
 
-def test_a_file_that_is_not_a_state_dict_raises_config_error(tmp_path):
-    path = tmp_path / "notes.pt"
-    path.write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="notes.pt"):
+@pytest.mark.parametrize(
+    "name, write, reason",
+    [
+        ("notes.txt", lambda path: path.write_text("hello world\nnot weights\n"), "KeyError"),
+        ("notes.pt", lambda path: path.write_text("not a checkpoint"), "UnpicklingError"),
+        ("model.pt", lambda path: torch.save(torch.nn.Linear(2, 2), path), "Unsupported global"),
+        ("cut.pt", lambda path: path.write_bytes(_saved_bytes()[:200]), "Error"),
+        ("broken.safetensors", lambda path: path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"), "Error"),
+    ],
+    ids=["text-file", "text-as-pt", "pickled-module", "truncated", "corrupt-safetensors"],
+)
+def test_a_file_that_is_not_weights_raises_one_line_config_error_saying_what_is_expected(tmp_path, name, write, reason):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ConfigError) as error:
         create_model("resnet18", 10, pretrained_path=path)
+    message = str(error.value)
+    assert message.startswith(f"model.pretrained_path={str(path)!r} cannot be loaded as weights (")
+    assert reason in message and "torch.save(model.state_dict(), path)" in message and ".safetensors" in message
+    assert "\n" not in message
+
+
+def _saved_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(64, 64)}, buffer)
+    return buffer.getvalue()
 
 
 def test_unknown_name_error_names_the_value_and_lists_every_model_on_one_line():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Mapping
 
@@ -81,19 +80,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ConfigError(
                 f"model.pretrained_path={str(path)!r} is a .safetensors file: pip install safetensors"
             ) from exc
-        try:
+    try:
+        if path.suffix == ".safetensors":
             loaded: object = load_file(path, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt or truncated files
-            raise ConfigError(f"model.pretrained_path={str(path)!r} is not a readable safetensors file: {exc}") from exc
-    else:
-        try:
+        else:
             # weights_only: a weights file must never run code from its pickle.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"model.pretrained_path={str(path)!r} cannot be read as tensors only (weights_only=True); "
-                f"save the state dict alone with torch.save(model.state_dict(), path): {exc}"
-            ) from exc
+    except Exception as exc:  # noqa: BLE001 - the path may name any file at all, and each reader fails its own
+        # way: a text file makes torch's unpickler raise KeyError, a truncated file EOFError, a pickled object
+        # UnpicklingError, a corrupt .safetensors file safetensors' own errors. All mean "not a weights file".
+        raise ConfigError(
+            f"model.pretrained_path={str(path)!r} cannot be loaded as weights ({_load_failure(exc)}): expected a "
+            f"file written by torch.save(model.state_dict(), path) (or a dict holding it under 'model' or "
+            f"'state_dict'), or a .safetensors file"
+        ) from exc
     if isinstance(loaded, Mapping):
         for wrapper_key in ("model", "state_dict"):
             if isinstance(loaded.get(wrapper_key), Mapping):
@@ -109,6 +109,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if all(key.startswith(prefix) for key in state):
             state = {key[len(prefix):]: value for key, value in state.items()}
     return state
+
+
+def _load_failure(error: BaseException) -> str:
+    """What the reader found wrong, in one sentence.
+
+    torch's messages run on: under weights_only one opens with a paragraph about the weights_only default (the
+    reason follows "WeightsUnpickler error:"), then suggests allowlisting the pickled class in code, which a config
+    cannot do; a corrupt zip archive is followed by advice about corrupted checkpoints. The first sentence is kept.
+    """
+    text = str(error)
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if marker else text).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[0].partition('. ')[0].rstrip('.')}"
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
