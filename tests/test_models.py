@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from fsam.errors import ConfigError
-from fsam.models import CIFAR_MODELS, TIMM_ALIASES, available_models, create_model
+from fsam.models import CIFAR_MODELS, TIMM_ALIASES, available_models, check_forward, create_model
 from fsam.models.pyramidnet import PyramidNet
 from fsam.models.resnet import BasicBlock, Bottleneck, ResNet
 from fsam.models.wide_resnet import WideResNet
@@ -338,6 +338,76 @@ def test_pretrained_download_is_refused():
 def test_impossible_architecture_settings_are_config_errors(name, kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         create_model(name, 10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, builder_says",
+    [
+        ("pyramidnet110", {"depth": "abc"}, "TypeError: unsupported operand"),
+        ("wrn16_8", {"drop_rate": "high"}, "TypeError: '<=' not supported"),
+        ("timm:resnet18", {"global_pool": "bogus"}, "AssertionError: Invalid pool type: bogus"),
+        ("timm:resnet18", {"act_layer": "bogus"}, "KeyError: 'bogus'"),
+    ],
+)
+def test_kwarg_values_the_builder_refuses_are_config_errors_with_its_message(name, kwargs, builder_says):
+    with pytest.raises(ConfigError) as error:
+        create_model(name, 10, **kwargs)
+    message = str(error.value)
+    assert message.startswith(f"model.kwargs={kwargs} do not fit ") and builder_says in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["drop_rate", "drop_path_rate"])
+@pytest.mark.parametrize("value", [1.5, -0.1, "0.2"])
+def test_timm_rates_outside_0_1_are_refused_before_building(key, value):
+    """timm reads drop_path_rate only in training mode: neither building nor an eval forward would see 1.5."""
+    with pytest.raises(ConfigError, match=rf"^model\.kwargs\.{key}={value!r} is not a probability"):
+        create_model("timm:resnet18", 10, **{key: value})
+
+
+def test_check_forward_refuses_a_kwarg_that_fails_only_in_forward():
+    import timm
+
+    # timm builds this model and applies drop_rate with F.dropout in forward_head, which refuses p > 1.
+    model = timm.create_model("resnet18", num_classes=10, drop_rate=1.5)
+    with pytest.raises(ConfigError) as error:
+        check_forward(model, 32, {"drop_rate": 1.5})
+    message = str(error.value)
+    assert message.startswith("model.kwargs={'drop_rate': 1.5} do not work in the model's forward pass on a 32x32")
+    assert "ValueError: dropout probability has to be between 0 and 1" in message and "\n" not in message
+    assert model.training
+
+
+def test_check_forward_refuses_a_timm_vit_built_for_another_image_size():
+    model = create_model("timm:vit_tiny_patch16_224", 10)
+    with pytest.raises(ConfigError, match=r"32x32 image: AssertionError: Input height \(32\) doesn't match model \(224\);"):
+        check_forward(model, 32)
+
+
+def test_check_forward_draws_no_random_numbers_moves_no_statistics_and_restores_every_training_flag():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 10),
+    )
+    model.train()
+    model[0].eval()  # mixed flags, as with a frozen part: model.train(True) afterwards would not restore them
+    flags = [module.training for module in model.modules()]
+    buffers = copy.deepcopy(model.state_dict())
+    generator_state = torch.get_rng_state()
+
+    check_forward(model, 32)
+
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    assert [module.training for module in model.modules()] == flags
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+
+
+def test_check_forward_passes_a_working_model_on_its_device_and_in_channels_last():
+    model = create_model("pyramidnet110", 10, depth=8, alpha=4, bottleneck=False).to(memory_format=torch.channels_last)
+    check_forward(model, 32)
+    assert model.training
 
 
 def test_available_models_are_sorted_and_include_the_contract_names():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
+import torch
 from torch import nn
 
 from fsam.errors import ConfigError
@@ -72,7 +73,8 @@ def create_model(
         kwargs: the architecture's own options, e.g. ``drop_rate`` for the Wide ResNets, ``depth`` / ``alpha`` /
             ``bottleneck`` for PyramidNet, any ``timm.create_model`` argument for timm models.
     Raises:
-        ConfigError: unknown name or kwarg, num_classes or image_size below 1, weights that do not fit.
+        ConfigError: unknown name or kwarg, a kwarg value the builder refuses, num_classes or image_size below 1,
+            weights that do not fit. Values refused only in the forward pass: see :func:`check_forward`.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r} must be a whole number of at least 1")
@@ -107,7 +109,10 @@ def _create_cifar_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> 
             f"model.kwargs has {', '.join(unknown)}, which {name} does not take: "
             f"allowed are {', '.join(allowed) if allowed else 'none'}"
         )
-    return builder(num_classes, **kwargs)
+    try:
+        return builder(num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:  # e.g. depth='abc'; the builders raise ConfigError for what they check
+        raise ConfigError(f"model.kwargs={kwargs} do not fit {name}: {_first_line(exc)}") from exc
 
 
 def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -122,8 +127,61 @@ def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any])
         raise ConfigError(
             "model.kwargs.pretrained is not allowed: nothing is downloaded, give a local file as model.pretrained_path"
         )
+    for key, value in kwargs.items():
+        # timm names its dropout-like probabilities *_rate (drop_rate, drop_path_rate, attn_drop_rate,
+        # drop_block_rate, ...); some are read only in training mode, where no earlier check would see them.
+        if key.endswith("_rate") and value is not None and not _is_probability(value):
+            raise ConfigError(f"model.kwargs.{key}={value!r} is not a probability: use a number in [0, 1]")
     try:
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        # The only inputs that vary are the config's kwargs, so a signature error is theirs.
-        raise ConfigError(f"model.kwargs={kwargs} do not fit timm model {timm_name}: {exc}") from exc
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        # The only inputs that vary are the config's kwargs, so what timm's builders raise about them is theirs
+        # (TypeError: an unknown kwarg; ValueError, KeyError, AssertionError: a value they check).
+        raise ConfigError(f"model.kwargs={kwargs} do not fit timm model {timm_name}: {_first_line(exc)}") from exc
+
+
+def check_forward(model: nn.Module, image_size: int, kwargs: Mapping[str, Any] | None = None) -> None:
+    """Run one zero image [1, 3, image_size, image_size] through ``model`` to refuse what only fails in forward.
+
+    Some model options are accepted when the model is built and refused only when used: timm passes
+    ``drop_rate`` to ``F.dropout`` in ``forward_head``, so ``timm:resnet18`` with ``drop_rate=1.5`` would fail on
+    the first training batch, and a timm ViT built for 224 px refuses 32 px inputs. Call it after
+    :func:`create_model` (and after moving the model to its device), before wrapping it in DDP.
+
+    The pass runs in eval mode under ``torch.no_grad()``: it draws no random numbers, moves no BatchNorm
+    statistic, and costs one forward of one image. Every module's training flag is put back as it was.
+
+    Args:
+        model: the built classifier, on the device and in the dtype of its parameters.
+        image_size: the side in pixels of the images it will get.
+        kwargs: the config's ``model.kwargs``, shown in the error.
+    Raises:
+        ConfigError: the pass raised TypeError, ValueError or AssertionError (timm checks input sizes with
+            asserts); the message names model.kwargs, the image size and the first line of the error.
+    """
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.float32
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype))
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(
+            f"model.kwargs={dict(kwargs or {})} do not work in the model's forward pass on a {image_size}x"
+            f"{image_size} image: {_first_line(exc)}; fix model.kwargs (or dataset.image_size)"
+        ) from exc
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _is_probability(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (without its full stop), or the type alone for an empty message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].strip().rstrip('.')}" if lines else type(error).__name__
