@@ -5,11 +5,13 @@
     python train.py -m optimizer=sgd,sam,fsam trainer.seed=1,2,3 # one run folder per combination
     python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu optimizer=sgd,fsam
 
-Each run lives in runs/<experiment>/<overrides>/seed<seed>/ (FSAM_RUNS replaces runs/): the same command finds
-the same folder, so relaunching continues an unfinished run and skips a finished one. A problem the user can fix
-(a bad value, an unknown option, missing data, a diverged run) prints ``error: <message>`` on one line and exits
-with status 2; anything else is a bug and keeps its traceback. SIGTERM, SIGUSR1 or SIGUSR2 (a preempted or
-timed-out SLURM job) checkpoint the run at the next step and exit with 128 + the signal's number.
+Each run lives in runs/<setting>/seed<seed>/ (FSAM_RUNS replaces runs/), where <setting> is named by what the run
+computes (fsam/runfolder.py): the same settings find the same folder however they are typed, so relaunching
+continues an unfinished run and skips a finished one, and a changed setting trains anew in its own folder. One
+process holds a run folder at a time; a second launch is refused. A problem the user can fix (a bad value, an
+unknown option, missing data, a diverged run, a folder in use) prints ``error: <message>`` on one line and exits
+with status 2; anything else is a bug and keeps its traceback. SIGTERM, SIGUSR1, SIGUSR2 (a preempted or timed-out
+SLURM job) and Ctrl-C checkpoint the run at the next step and exit with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import difflib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import typing
@@ -49,7 +52,10 @@ def train(cfg: DictConfig) -> None:
     # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
     run_folder.register_resolver()
     try:
-        config = load_config(OmegaConf.to_container(cfg, resolve=True))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        if plain.get("run_dir") is None:
+            plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
+        config = load_config(plain)
         from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
 
         run(config)
@@ -66,32 +72,33 @@ def train(cfg: DictConfig) -> None:
         FAILED_JOBS.append(job)
 
 
-def canonical_arguments(arguments: list[str]) -> list[str]:
-    """The command line with each plain override written as Hydra's sweeper writes a job's overrides.
+# Hydra's own options that take the next argument as their value (never an override to check).
+HYDRA_FLAGS_WITH_VALUE = {
+    "-sc", "--shell-completion", "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+    "--experimental-rerun", "-p", "--package", "--info", "-i",
+}
 
-    The run folder is named from the overrides, so ``trainer.amp=off optimizer.lr=0.10`` must name the same
-    folder whether it is typed for a single run or is one job of a sweep (where Hydra rewrites values, e.g.
-    ``false`` as ``False``). Unknown options of a config group (``model=foo``) are refused here, with the list
-    of options. Arguments Hydra cannot parse are left for Hydra to report.
-    """
+
+def check_arguments(arguments: list[str]) -> None:
+    """Refuse unknown keys and unknown options of a config group in plain ``key=value`` overrides, with the
+    list of what is known (Hydra's own message would only say it could not override). Hydra's flags and their
+    values, and arguments Hydra cannot parse, are left to Hydra."""
     parser = OverridesParser.create()
-    canonical = []
+    config_dirs, flag = [CONFIGS], None
     for argument in arguments:
-        if "=" not in argument or argument.startswith("-"):
-            canonical.append(argument)
+        if flag is not None or argument.startswith("-") or "=" not in argument:
+            if flag in ("-cd", "--config-dir"):
+                config_dirs.append(Path(argument))
+            elif argument.startswith("--config-dir="):
+                config_dirs.append(Path(argument.split("=", 1)[1]))
+            flag = argument if flag is None and argument in HYDRA_FLAGS_WITH_VALUE else None
             continue
         try:
             override = parser.parse_override(argument)
         except HydraException:
-            canonical.append(argument)
             continue
-        check_group_option(override)
+        check_group_option(override, config_dirs)
         check_key(override)
-        if override.is_sweep_override() or override.is_delete():
-            canonical.append(argument)
-        else:
-            canonical.append(f"{override.get_key_element()}={override.get_value_element_as_str()}")
-    return canonical
 
 
 def check_key(override: Override) -> None:
@@ -117,8 +124,9 @@ def check_key(override: Override) -> None:
         node = kind
 
 
-def check_group_option(override: Override) -> None:
-    """A ConfigError listing the options when a config group is set to an option that has no file."""
+def check_group_option(override: Override, config_dirs: list[Path]) -> None:
+    """A ConfigError listing the options when a config group is set to an option that has no file in configs/ or
+    a folder added with --config-dir."""
     group = override.key_or_group
     if group not in GROUPS or override.is_delete():
         return
@@ -126,7 +134,7 @@ def check_group_option(override: Override) -> None:
         values = list(override.sweep_string_iterator())
     else:
         values = [override.get_value_element_as_str()]
-    options = sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+    options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")})
     for value in values:
         if value not in options and value != "null":
             raise ConfigError(
@@ -159,7 +167,13 @@ def check_output_root() -> None:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message and, for Hydra's wrappers, its cause's, on one line."""
+    """The error's message and, for Hydra's wrappers, its cause's, on one line; an FsamError raised inside Hydra
+    (the run-folder resolver checks the config) is shown alone."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, FsamError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
     parts = [str(error)]
     if isinstance(error, HydraException) and error.__cause__ is not None:
         parts.append(str(error.__cause__))
@@ -177,13 +191,17 @@ def main() -> int:
     # the handler below, like the engine's.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        sys.argv[1:] = canonical_arguments(sys.argv[1:])
+        check_arguments(sys.argv[1:])
         check_output_root()
         check_launcher(sys.argv[1:])
         train()
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
         return stop.exit_status
+    except KeyboardInterrupt:
+        print("stopped: Ctrl-C twice, without waiting for the step to end; relaunch the same command to continue "
+              "from the last checkpoint", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except (FsamError, HydraException, OmegaConfBaseException) as error:
         report(one_line(error))
         return 2

@@ -14,3 +14,11 @@ MODEL_NAMES = (
     "vit_cifar", "vit_small", "wrn16_8", "wrn28_10",
 )
 TIMM_PREFIX = "timm:"
+# The keyword arguments each model builder takes and their defaults, so a run's identity completes
+# ``model.kwargs`` without building the model (tests/test_runfolder.py checks them against the builders).
+MODEL_DEFAULTS = {
+    "pyramidnet110": {"depth": 110, "alpha": 270.0, "bottleneck": True},
+    "wrn28_10": {"drop_rate": 0.0},
+    "wrn16_8": {"drop_rate": 0.0},
+    "vit_cifar": {"patch_size": 4},
+}

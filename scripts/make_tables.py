@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsam.engine.records import write_atomic
+from fsam.runfolder import write_atomic
 from fsam.report import load_runs, paper_table, reference_table, summarise
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

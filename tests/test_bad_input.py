@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from conftest import TINY_MODEL_CLI
-from datagen import md5_of, write_cifar_archive, write_imagefolder
+import numpy as np
+
+from datagen import md5_of, rewrite_cifar_batch, write_cifar_archive, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +86,32 @@ def imagenet(build: Callable[[Path], None]) -> Callable[[Path, list[str]], list[
     return prepare
 
 
+def planted(batch_name: str, **entries: object) -> Callable[[Path], list[str]]:
+    """A CIFAR-10 folder whose ``batch_name`` holds ``entries`` that cannot be right."""
+
+    def build(folder: Path) -> list[str]:
+        write_cifar_archive(folder)
+        rewrite_cifar_batch(folder, "cifar10", batch_name, **{
+            key: value(folder) if callable(value) else value for key, value in entries.items()
+        })
+        return []
+
+    return build
+
+
+def float_pixels(folder: Path) -> np.ndarray:
+    with open(folder / "cifar-10-batches-py" / "data_batch_1", "rb") as file:
+        import pickle
+
+        batch = pickle.load(file, encoding="bytes")
+    return batch[b"data"].astype(np.float32) / 255.0
+
+
+def text_file_as_weights(tmp_path: Path, tiny_cli: list[str]) -> list[str]:
+    (tmp_path / "weights.pth").write_text("these are not weights\n")
+    return [*tiny_cli, f"model.pretrained_path={tmp_path / 'weights.pth'}"]
+
+
 def empty_imagefolder(folder: Path) -> None:
     for split in ("train", "val"):
         (folder / split / "class_0").mkdir(parents=True)
@@ -119,6 +148,34 @@ def interrupted_run(corrupt: bool) -> Callable[[Path, list[str]], list[str]]:
     return prepare
 
 
+def a_file_as(key: str) -> Callable[[Path, list[str]], list[str]]:
+    """Arguments setting ``key`` to a path that is a file."""
+
+    def prepare(tmp_path: Path, tiny_cli: list[str]) -> list[str]:
+        (tmp_path / "a-file").write_text("not a folder")
+        return [*tiny_cli, f"{key}={tmp_path / 'a-file'}"]
+
+    return prepare
+
+
+def diverged_before(tmp_path: Path, tiny_cli: list[str]) -> list[str]:
+    """A run that diverged in an earlier launch (status.json says so), relaunched as it was."""
+    arguments = [*tiny_cli, "optimizer=sgd"]
+    first = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "inject.py"), "nan_loss", *arguments],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert first.returncode == 2 and "training diverged" in first.stderr, first.stderr
+    return arguments
+
+
+def checkpoints_kept(runs: Path) -> None:
+    """The fault hit a later write: the checkpoint before it is whole, and no temporary file is left."""
+    (last,) = runs.rglob("checkpoints/last.pt")
+    assert torch.load(last, weights_only=True)["global_step"] >= 1
+    assert not [path for path in runs.rglob("*") if path.name.endswith(".tmp")]
+
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -153,6 +210,16 @@ CASES = {
     "unknown model": Case(args("model=resnet19"), "model=resnet19 is not an option of model: choose one of"),
     "unknown dataset": Case(args("dataset=svhn"), "dataset=svhn is not an option of dataset: choose one of cifar10"),
     "unknown optimizer": Case(args("optimizer=adam"), "optimizer=adam is not an option of optimizer: choose one of asam"),
+    "infinite learning rate": Case(args("optimizer.lr=inf"), "optimizer.lr=inf is not allowed: must be a finite number"),
+    "model kwarg of the wrong kind": Case(
+        args("model.kwargs.depth=abc"), "model.kwargs.depth='abc' is not allowed: pyramidnet110 takes a whole number"
+    ),
+    "model kwarg of the wrong kind in a sweep": Case(
+        lambda tmp_path, tiny_cli: ["-m", *tiny_cli, "model.kwargs.depth=abc,8"],
+        "model.kwargs.depth='abc' is not allowed",
+    ),
+    "run_dir is a file": Case(a_file_as("run_dir"), "is a file, not a folder"),
+    "run_dir is empty": Case(args("run_dir="), "run_dir='' is not allowed: must not be empty"),
     # --- data ------------------------------------------------------------------------------------------------
     "missing data folder": Case(
         cifar_folder(lambda folder: []), "dataset.download=false"
@@ -163,6 +230,24 @@ CASES = {
     "empty ImageFolder": Case(imagenet(empty_imagefolder), "holds no images"),
     "unreadable image": Case(imagenet(unreadable_image), "image_0.JPEG"),
     "class count": Case(args("+model.kwargs.num_classes=100"), "model.kwargs.num_classes=100 does not fit dataset cifar10"),
+    "float pixels in a CIFAR batch": Case(
+        cifar_folder(planted("data_batch_1", data=float_pixels)), "holds float32 pixels in [0, 1]"
+    ),
+    "float labels in a CIFAR batch": Case(
+        cifar_folder(planted("data_batch_1", labels=[2.7] * 16)), "holds the label 2.7 in 'labels'"
+    ),
+    "empty test split": Case(
+        cifar_folder(planted("test_batch", data=np.zeros((0, 3072), np.uint8), labels=[])), "holds no test images"
+    ),
+    "dataset.root is a file": Case(
+        lambda tmp_path, tiny_cli: [*a_file_as("dataset.root")(tmp_path, tiny_cli), "dataset.download=true"],
+        "is a file, not a folder",
+    ),
+    "pretrained_path is not a weights file": Case(text_file_as_weights, "cannot be loaded as weights"),
+    "timm kwarg torch rejects": Case(
+        args("model=timm", "model.name=timm:resnet18", "+model.kwargs.drop_rate=1.5"),
+        "model.kwargs.drop_rate=1.5 is not a probability",
+    ),
     # --- training --------------------------------------------------------------------------------------------
     "loss becomes NaN": Case(args("optimizer=sgd"), "training diverged", fault="nan_loss", check=diverged),
     "fp16 overflow": Case(
@@ -170,6 +255,16 @@ CASES = {
         check=fp16_skip_counted,
     ),
     "out of memory": Case(args(), "use a smaller trainer.batch_size (e.g. 8)", fault="out_of_memory"),
+    "relaunched diverged run": Case(diverged_before, "diverged in an earlier launch (training diverged"),
+    # --- the run folder --------------------------------------------------------------------------------------
+    "disk full during a checkpoint": Case(
+        args("trainer.checkpoint_every_steps=1"), "(No space left on device): the checkpoints last.pt are kept",
+        fault="disk_full", check=checkpoints_kept,
+    ),
+    "run folder turns read-only": Case(
+        args("trainer.epochs=2"), "(Read-only file system): the checkpoints last.pt",
+        fault="read_only", check=checkpoints_kept,
+    ),
     # --- logging ---------------------------------------------------------------------------------------------
     "wandb not installed": Case(args("logger=wandb"), "wandb is not installed", status=0, fault="no_wandb", warning=True),
     "wandb not logged in": Case(
@@ -188,7 +283,7 @@ CASES = {
     # --- checkpoints -----------------------------------------------------------------------------------------
     "corrupt checkpoint": Case(interrupted_run(corrupt=True), "no readable checkpoint in"),
     "checkpoint of another optimizer": Case(
-        interrupted_run(corrupt=False), "was written with optimizer.name='fsam' but this run has optimizer.name='sam'"
+        interrupted_run(corrupt=False), "holds a run of another setting (optimizer.name: fsam -> sam; optimizer.rho: 0.2 -> 0.1; optimizer.lmbda"
     ),
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from fsam.config import RunConfig, load_config, to_plain
-from fsam.config.run_folder import run_folder_name
+from fsam.config.run_folder import register_resolver
 from fsam.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("model", "dataset", "optimizer", "schedule", "logger", "experiment")
+register_resolver()  # train.py registers it the same way
 
 
 def options(group: str) -> list[str]:
@@ -39,7 +42,10 @@ def compose_run(*overrides: str) -> tuple[dict, dict]:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True), hydra_settings
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if plain["run_dir"] is None:  # as train.py's job does
+        plain["run_dir"] = hydra_settings["run_dir"]
+    return plain, hydra_settings
 
 
 def run_dir_of(*overrides: str) -> str:
@@ -94,7 +100,9 @@ def test_the_quickstart_is_digits_with_a_small_network_and_its_own_run_folder(is
     assert config.dataset.name == "digits" and config.optimizer.name == "fsam"
     assert config.model.name == "pyramidnet110" and config.model.kwargs["depth"] == 8
     assert config.trainer.amp == "off"
-    assert Path(config.run_dir) == isolated_records / "quickstart" / "seed1"
+    assert Path(config.run_dir).parent.parent == isolated_records
+    assert Path(config.run_dir).parent.name.startswith("digits-pyramidnet8-fsam-")
+    assert Path(config.run_dir).name == "seed1"
 
 
 def test_the_launchers_compose_with_submitit():
@@ -108,30 +116,43 @@ def test_the_launchers_compose_with_submitit():
     assert compose_run()[1]["launcher"]["_target_"].endswith("BasicLauncher")
 
 
-def test_the_run_folder_is_a_function_of_the_command_line(isolated_records):
+def test_the_run_folder_is_a_function_of_the_setting_however_it_is_typed(isolated_records):
     base = run_dir_of("optimizer=sam", "optimizer.lr=0.1")
     assert run_dir_of("optimizer.lr=0.1", "optimizer=sam") == base  # order does not matter
-    assert Path(base) == isolated_records / "default" / "optimizer.lr=0.1,optimizer=sam" / "seed1"
+    assert run_dir_of("optimizer=sam", "optimizer.lr=1e-1") == base  # nor how a number is written
+    assert Path(base).parent.name.startswith("cifar100-resnet18-sam-")
     assert run_dir_of("optimizer=sam", "optimizer.lr=0.2") != base
     assert Path(run_dir_of("optimizer=sam", "optimizer.lr=0.1", "trainer.seed=3")) == Path(base).parent / "seed3"
     # where the data lives, the device and logging do not change the results, so they do not change the folder
     same = run_dir_of("optimizer=sam", "optimizer.lr=0.1", "dataset.root=/elsewhere", "trainer.device=cpu",
-                      "logger=wandb", "logger.mode=offline", "trainer.checkpoint_every_steps=100")
+                      "logger=wandb", "logger.mode=offline", "trainer.checkpoint_every_steps=100",
+                      "experiment_name=other")
     assert same == base
-    assert Path(run_dir_of()) == isolated_records / "default" / "seed1"
+    # a value equal to the default is the default, whether it comes from a group option or is typed out
+    assert run_dir_of("optimizer=sam", "optimizer.lr=0.1", "optimizer.momentum=0.9") == base
+    assert run_dir_of("model=pyramidnet110") == run_dir_of("model=pyramidnet110", "+model.kwargs.depth=110",
+                                                           "+model.kwargs.alpha=270.0")
 
 
-def test_paths_in_values_stay_one_folder_level_and_long_names_are_shortened_with_a_hash():
-    assert run_folder_name(["model.pretrained_path=/w/deit.pth"], [], 1) == "model.pretrained_path=%2Fw%2Fdeit.pth/seed1"
-    assert run_folder_name(["+model.kwargs.depth=8", "dataset.root=/data"], ["dataset.root"], 2) == (
-        "+model.kwargs.depth=8/seed2"
+def test_an_experiment_file_and_the_same_settings_typed_out_share_one_folder(isolated_records):
+    typed = run_dir_of(
+        "dataset=digits", "model=pyramidnet110", "+model.kwargs.depth=8", "+model.kwargs.alpha=16",
+        "+model.kwargs.bottleneck=false", "optimizer.lr=0.1", "optimizer.weight_decay=0.0005", "trainer.epochs=10",
+        "trainer.batch_size=64", "trainer.amp=off",
     )
-    long_a = [f"optimizer.lr=0.{'1' * 300}"]
-    long_b = [f"optimizer.lr=0.{'1' * 299}2"]
-    name_a, name_b = run_folder_name(long_a, [], 1), run_folder_name(long_b, [], 1)
-    assert name_a != name_b
-    assert all(len(name.split("/")[0].encode()) <= 200 for name in (name_a, name_b))
-    assert name_a.startswith("optimizer.lr=0.111")
+    assert run_dir_of("experiment=quickstart") == typed
+
+
+def test_an_edited_default_and_the_same_value_on_the_command_line_share_one_folder(tmp_path, isolated_records):
+    edited = tmp_path / "configs"
+    shutil.copytree(CONFIGS, edited)
+    option = edited / "optimizer" / "fsam.yaml"
+    option.write_text(option.read_text().replace("lr: 0.05", "lr: 0.1"))
+    assert "lr: 0.1" in option.read_text()
+    with initialize_config_dir(config_dir=str(edited), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert os.path.normpath(str(cfg.hydra.run.dir)) == run_dir_of("optimizer.lr=0.1")
+    assert run_dir_of("optimizer.lr=0.1") != run_dir_of()
 
 
 def test_a_sweep_job_finds_the_same_folder_as_the_single_run(isolated_records):
@@ -216,21 +237,32 @@ def test_an_unknown_key_is_refused_and_the_allowed_keys_are_listed():
         load_config(plain)
 
 
+def config_error_of(*overrides: str) -> str:
+    """The ConfigError message that composing these overrides raises: Hydra resolves the run folder from the
+    checked config, so a bad value stops the composition (train.py prints the ConfigError alone)."""
+    with pytest.raises(Exception) as raised:
+        compose_run(*overrides)
+    error: BaseException | None = raised.value
+    while error is not None and not isinstance(error, ConfigError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"no ConfigError behind {raised.value!r}"
+    return str(error)
+
+
 def test_keys_that_must_agree_are_checked_together():
-    plain = compose_run("trainer.batch_size=4", "trainer.micro_batches=8")[0]
-    with pytest.raises(ConfigError, match=r"trainer.micro_batches=8 .* trainer.batch_size=4"):
-        load_config(plain)
-    plain = compose_run("trainer.epochs=2", "schedule.warmup_epochs=2")[0]
-    with pytest.raises(ConfigError, match=r"schedule.warmup_epochs=2 .* trainer.epochs=2"):
-        load_config(plain)
+    assert re.search(r"trainer.micro_batches=8 .* trainer.batch_size=4",
+                     config_error_of("trainer.batch_size=4", "trainer.micro_batches=8"))
+    assert re.search(r"schedule.warmup_epochs=2 .* trainer.epochs=2",
+                     config_error_of("trainer.epochs=2", "schedule.warmup_epochs=2"))
 
 
 def test_missing_keys_take_the_schema_defaults_and_a_plain_dict_is_enough():
     config = load_config({"run_dir": "somewhere", "trainer": {"epochs": 3}})
     assert config.trainer.epochs == 3 and config.trainer.batch_size == 128
     assert config.optimizer.rho == 0.2 and config.optimizer.lmbda == 0.6
-    with pytest.raises(ConfigError, match="run_dir is missing"):
-        load_config({})
+    assert load_config({}).run_dir is None  # the engine then picks runs/<setting>/seed<seed>
+    with pytest.raises(ConfigError, match="run_dir='' is not allowed: must not be empty"):
+        load_config({"run_dir": ""})
 
 
 def slurm_example_overrides(script: Path) -> list[list[str]]:

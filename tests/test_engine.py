@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 import fsam.engine.loop as loop
@@ -19,7 +18,7 @@ from fsam.config import ScheduleConfig, load_config
 from fsam.engine import CheckpointStore, RunFolder, create_schedule, evaluate, run
 from fsam.engine.evaluate import topk_correct
 from fsam.engine.loop import precision_mode
-from fsam.engine.records import write_atomic, write_json_atomic
+from fsam.runfolder import write_atomic, write_json_atomic
 from fsam.engine.wandb_mirror import resolve_mode
 from fsam.errors import CheckpointError, DivergedError
 from fsam.optim import Precision, create_optimizer
@@ -74,7 +73,10 @@ def test_a_plain_dict_config_trains_and_writes_every_record(tiny_config):
     assert summary["images_per_s"] > 0 and summary["wall_time_s"] > 0
     assert "torch" in summary["versions"] and "git_commit" in summary
     assert json.loads((folder / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert load_config(yaml.safe_load((folder / "config.yaml").read_text())) == load_config(config)
+    recorded, identity = RunFolder(folder).read_config()
+    assert load_config(recorded) == load_config(config)
+    assert identity["setting"] == summary["setting"] and identity["digest"].startswith(summary["setting"][-12:])
+    assert identity["model"]["parameters"] == summary["model"]["parameters"] > 0
     checkpoints = {path.name for path in (folder / "checkpoints").iterdir()}
     assert checkpoints == {"last.pt", "last.prev.pt", "best.pt"}
     assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
@@ -214,14 +216,14 @@ def test_a_nan_loss_stops_the_run_marks_it_diverged_and_keeps_the_last_good_chec
     assert len(metrics_of(folder)) == 1
 
 
-def test_a_diverged_run_is_not_retrained_on_relaunch(tiny_config, monkeypatch, capsys):
+def test_a_diverged_run_is_not_retrained_on_relaunch_and_says_so(tiny_config, monkeypatch):
     config = tiny_config()
     folder = RunFolder(config["run_dir"])
-    folder.create()
+    folder.path.mkdir(parents=True)
     folder.write_status({"status": "diverged", "message": "training diverged: test"})
     stop_at_call(monkeypatch, 1, AssertionError("a diverged run must not train again"))
-    assert run(config)["status"] == "diverged"
-    assert "diverged before" in capsys.readouterr().out
+    with pytest.raises(DivergedError, match="diverged in an earlier launch .training diverged: test.; it is not"):
+        run(config)
 
 
 # -------------------------------------------------------------------------------------------- schedules

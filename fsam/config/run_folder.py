@@ -1,46 +1,45 @@
-"""The run folder's name from the command line: the same command names the same folder.
+"""The OmegaConf resolver ``fsam_run_folder``: Hydra's run and sweep folders from what a run computes.
 
-``run_folder_name`` is a pure function of the overrides (``key=value`` strings, as Hydra records them in
-``hydra.overrides.task``) and the seed. Importing this module also registers it as the OmegaConf resolver
-``fsam_run_folder``, which ``configs/train.yaml`` uses for ``hydra.run.dir`` and ``hydra.sweep.subdir``.
+``configs/train.yaml`` sets ``hydra.run.dir: ${fsam_run_folder:}`` and ``hydra.sweep.subdir:
+${fsam_run_folder:absolute}``. The resolver reads the whole composed config (not the command line), checks it and
+returns ``run_dir`` when the config sets one, else :func:`fsam.runfolder.default_run_dir`: the same settings
+reach the same folder however they were typed (a single run, a sweep's job, an experiment file, an edited
+default). A bad value raises :class:`fsam.errors.ConfigError` here, before Hydra creates anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 RESOLVER = "fsam_run_folder"
-MAX_NAME_BYTES = 200  # file systems allow 255 per folder name; the rest is room for the hash suffix
 
 
-def override_key(override: str) -> str:
-    """``+model.kwargs.depth=8`` -> ``model.kwargs.depth`` (no add/delete prefix, no ``@package``)."""
-    key = override.split("=", 1)[0].lstrip("~+")
-    return key.split("@", 1)[0]
+def run_folder(how: str = "", *, _root_: Any) -> str:
+    """The run folder of the config ``_root_`` (Hydra's, ``hydra`` node included); ``how="absolute"`` resolves it
+    against the current folder (a sweep joins it to its own folder, which an absolute path overrides)."""
+    from omegaconf import OmegaConf
 
+    from fsam.config import load_config
+    from fsam.errors import ConfigError
+    from fsam.runfolder import default_run_dir
 
-def run_folder_name(overrides: Iterable[str], exclude_keys: Iterable[str], seed: int) -> str:
-    """``<sorted overrides joined by ','>/seed<seed>``, or ``seed<seed>`` without overrides.
-
-    Keys in ``exclude_keys`` (where data lives, logging, the seed itself...) are left out. ``/`` in a value
-    becomes ``%2F`` so a path stays one folder level. A name longer than 200 bytes keeps its first 180 bytes and
-    gets the first 12 hex digits of the whole name's SHA-1, so it stays unique and readable.
-    """
-    excluded = set(exclude_keys)
-    kept = sorted(str(o) for o in overrides if override_key(str(o)) not in excluded)
-    name = ",".join(kept).replace("/", "%2F")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-        name = name.encode()[:180].decode(errors="ignore") + "..." + digest
-    return f"{name}/seed{seed}" if name else f"seed{seed}"
+    keys = [key for key in _root_ if key != "hydra"]
+    config = OmegaConf.to_container(OmegaConf.masked_copy(_root_, keys), resolve=True)
+    if config.get("run_dir") is None:
+        folder = default_run_dir(config)
+    else:
+        folder = Path(load_config(config).run_dir)  # checks every value, and that run_dir is not empty
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"run_dir={folder} is a file, not a folder: give a folder, or leave run_dir out")
+    return str(folder.resolve() if how == "absolute" else folder)
 
 
 def register_resolver() -> None:
-    """Make ``${fsam_run_folder:overrides,exclude_keys,seed}`` available to OmegaConf (idempotent)."""
+    """Make ``${fsam_run_folder:}`` available to OmegaConf (idempotent)."""
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver(RESOLVER, run_folder_name, replace=True)
+    OmegaConf.register_new_resolver(RESOLVER, run_folder, replace=True)
 
 
 register_resolver()

@@ -49,6 +49,7 @@ def each(rule: Rule) -> Rule:
     return Rule(f"each entry {rule.text}", lambda values: all(rule.allows(value) for value in values))
 
 
+NOT_EMPTY = Rule("must not be empty: give a folder, or leave it out for runs/<setting>/seed<seed>", lambda v: v != "")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICE_RULE = Rule("use auto, cpu, cuda or cuda:N", lambda value: DEVICE_PATTERN.fullmatch(value) is not None)
 INCREASING_EPOCHS = Rule(
@@ -191,10 +192,11 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run needs. ``run_dir`` is the run folder (records, checkpoints); ``experiment_name``
-    groups runs (it is the run folder's parent under ``$FSAM_RUNS`` when launched through ``train.py``)."""
+    """Everything one run needs. ``run_dir`` is the run folder (records, checkpoints); null means
+    ``$FSAM_RUNS/<setting>/seed<seed>`` (:func:`fsam.runfolder.default_run_dir`). ``experiment_name`` is a label
+    recorded with the run; it does not change what the run computes or where it lives."""
 
-    run_dir: str
+    run_dir: Optional[str] = setting(None, NOT_EMPTY)
     experiment_name: str = "default"
     model: ModelConfig = setting(factory=ModelConfig)
     dataset: DatasetConfig = setting(factory=DatasetConfig)

@@ -8,6 +8,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -83,7 +84,8 @@ def _typed(value: Any, annotation: Any, key: str) -> Any:
         return _expect(value, isinstance(value, int) and not isinstance(value, bool), key, "must be a whole number")
     if annotation is float:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(_expect(value, is_number, key, "must be a number"))
+        _expect(value, is_number, key, "must be a number")
+        return float(_expect(value, math.isfinite(value), key, "must be a finite number"))
     if annotation is str:
         if isinstance(value, bool):
             raise ConfigError(

@@ -9,7 +9,7 @@ Callable without Hydra: ``run`` takes a :class:`fsam.config.RunConfig` or a plai
 from fsam.engine.checkpoint import CheckpointStore
 from fsam.engine.evaluate import evaluate
 from fsam.engine.loop import run
-from fsam.engine.records import RunFolder
+from fsam.runfolder import RunFolder
 from fsam.engine.schedule import create_schedule, lr_factor
 
 __all__ = ["CheckpointStore", "RunFolder", "create_schedule", "evaluate", "lr_factor", "run"]

@@ -11,6 +11,7 @@ Checkpoints hold tensors, numbers, strings and containers only, so they load wit
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsam.engine.records import sync_folder
+from fsam.runfolder import private_temporary, sync_folder, write_error
 from fsam.errors import CheckpointError
 
 
@@ -35,23 +36,40 @@ class CheckpointStore:
         self.best = self.folder / "best.pt"
 
     def save(self, state: dict[str, Any], *, best: bool = False) -> None:
-        """Write ``state`` as the new ``last.pt`` (keeping the old one as ``last.prev.pt``); also as ``best.pt``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = self.folder / ".last.pt.tmp"
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        if self.last.exists():
-            os.replace(self.last, self.previous)
-        os.replace(temporary, self.last)
-        if best:
-            self._mark_best()
+        """Write ``state`` as the new ``last.pt`` (keeping the old one as ``last.prev.pt``); also as ``best.pt``.
+
+        A write that fails (disk full, read-only folder) leaves the checkpoints as they were and raises
+        RunFolderError naming the file and the fix."""
+        self.folder.mkdir(exist_ok=True)  # not its parents: a run folder deleted mid-run is not recreated
+        temporary = private_temporary(self.last)
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+        except (OSError, RuntimeError) as error:
+            temporary.unlink(missing_ok=True)
+            cause = error if isinstance(error, OSError) else _os_error_in(error)
+            if cause is None:
+                raise
+            raise write_error(self.last, cause, self._kept()) from None
+        try:
+            if self.last.exists():
+                os.replace(self.last, self.previous)
+            os.replace(temporary, self.last)
+            if best:
+                self._mark_best()
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise write_error(self.last, error, self._kept()) from None
         sync_folder(self.folder)
 
+    def _kept(self) -> str:
+        kept = [path.name for path in (self.last, self.previous) if path.exists()]
+        return f"the checkpoints {', '.join(kept)} are kept" if kept else "no checkpoint was written yet"
+
     def _mark_best(self) -> None:
-        temporary = self.folder / ".best.pt.tmp"
-        temporary.unlink(missing_ok=True)
+        temporary = private_temporary(self.best)
         try:
             os.link(self.last, temporary)
         except OSError:
@@ -80,6 +98,19 @@ class CheckpointStore:
                 f"no readable checkpoint in {self.folder}: {'; '.join(problems)}; delete the folder to start over"
             )
         return None
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error torch's writer raised (it reports a failed write as a RuntimeError)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).lower()
+    if "write" in text and ("failed" in text or "error" in text):
+        return OSError(errno.EIO, str(error).splitlines()[0] if str(error) else "write failed")
+    return None
 
 
 def capture_rng() -> dict[str, Any]:

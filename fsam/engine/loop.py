@@ -5,13 +5,17 @@
 
 The loop never branches on the method: ``fsam.optim.train_step`` does one pass for SGD and two for the SAM
 family. Starting a run whose folder holds a checkpoint continues it exactly (model, optimizer and EMA, schedule,
-loss scaler, random state and the position inside the epoch); a folder with ``summary.json`` is finished and is
-skipped; one marked diverged in ``status.json`` is skipped too.
+loss scaler, random state and the position inside the epoch), but only under the setting and seed it was written
+with (:func:`fsam.runfolder.run_key`); a folder with ``summary.json`` is finished and is skipped. One process (or
+one DDP group) holds a run folder at a time (:class:`fsam.runfolder.RunLock`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import socket
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,18 +32,18 @@ from fsam.engine import distributed
 from fsam.engine.checkpoint import CheckpointStore, capture_rng, restore_rng
 from fsam.engine.evaluate import evaluate, topk_correct
 from fsam.engine.preemption import Interrupted, StopSignals, signal_name
-from fsam.engine.records import RunFolder, git_commit, package_versions
 from fsam.engine.schedule import create_schedule
 from fsam.engine.wandb_mirror import WandbMirror, new_run_id
 from fsam.errors import CheckpointError, DataError, DivergedError, FsamError
-from fsam.models import create_model
+from fsam.models import check_forward, create_model
 from fsam.optim import SAM, Precision, create_optimizer, train_step
+from fsam.runfolder import (
+    RunFolder, RunFolderError, command_line, default_run_dir, differences, git_commit, identity_record, model_kwargs,
+    model_label, now_iso, package_versions, run_key,
+)
 
 CHECKPOINT_FORMAT = 1
-# Settings a checkpoint must share with the run that loads it: its tensors mean nothing under other ones.
-IDENTITY_KEYS = (
-    ("model", "name"), ("model", "kwargs"), ("dataset", "name"), ("optimizer", "name"), ("optimizer", "base"),
-)
+MAX_LISTED_DIFFERENCES = 8
 
 
 @dataclass
@@ -91,27 +95,82 @@ class EpochTotals:
 def run(config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
     """Train one run to the end (or continue it) and return its summary (or the record that made it skip).
 
-    Raises :class:`fsam.errors.FsamError` subclasses for problems a user can fix: a bad config value
-    (ConfigError), missing data (DataError), an unreadable checkpoint (CheckpointError), a NaN or infinite loss
-    (DivergedError, after writing ``status.json``; the last good checkpoint stays).
+    Without ``run_dir`` the run goes to ``$FSAM_RUNS/<setting>/seed<seed>`` (:func:`fsam.runfolder.default_run_dir`),
+    the folder ``train.py`` picks for the same config. Raises :class:`fsam.errors.FsamError` subclasses for problems
+    a user can fix: a bad config value (ConfigError), missing data (DataError), an unreadable checkpoint or one of
+    another setting (CheckpointError), a folder held by another process, deleted mid-run or unwritable
+    (RunFolderError), a NaN or infinite loss now or in an earlier launch (DivergedError; the last good checkpoint
+    stays).
     """
     config = load_config(config)
-    folder = RunFolder(config.run_dir)
-    finished = folder.finished_summary()
-    if finished is not None:
-        print(f"skipped: {folder.path} is finished (summary.json exists); delete the folder to train it again")
-        return finished
-    stopped = folder.stopped_status()
-    if stopped is not None:
-        print(f"skipped: {folder.path} diverged before ({stopped.get('message', 'see status.json')}); "
-              "delete the folder to train it again")
-        return stopped
     with StopSignals() as stops:
         info = distributed.setup(config.trainer.device)
         try:
-            return _Trainer(config, folder, info, stops).train()
+            if config.run_dir is None:
+                config = dataclasses.replace(config, run_dir=str(default_run_dir(config, info.world_size)))
+            folder = RunFolder(config.run_dir)
+            _hold(folder, info)
+            try:
+                return _start(config, folder, info, stops)
+            finally:
+                folder.release()
         finally:
             distributed.teardown()
+
+
+def _hold(folder: RunFolder, info: distributed.DistInfo) -> None:
+    """Rank 0 takes the folder's lock for the whole group; every process learns whether it got it."""
+    refusal = None
+    if info.is_main:
+        try:
+            folder.hold()
+        except RunFolderError as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunFolderError(refusal)
+
+
+def _start(
+    config: RunConfig, folder: RunFolder, info: distributed.DistInfo, stops: StopSignals
+) -> dict[str, Any]:
+    recorded, identity = folder.read_config()
+    if recorded is not None:
+        processes = (identity or {}).get("processes", 1)
+        try:
+            before = run_key(recorded, processes)
+        except FsamError:
+            raise RunFolderError(
+                f"{folder.config} is not a config this version can read: use another run_dir, or delete "
+                f"{folder.path} to start over"
+            ) from None
+        refuse_other_run(folder.path, before, run_key(config, info.world_size))
+    finished = folder.finished_summary()
+    if finished is not None:
+        if info.is_main:
+            print(f"skipped: {folder.path} is finished (summary.json exists); delete the folder to train it again")
+        return finished
+    stopped = folder.stopped_status()
+    if stopped is not None:
+        raise DivergedError(
+            f"{folder.path} diverged in an earlier launch ({stopped.get('message', 'see status.json')}); it is not "
+            "trained again: a changed setting gets its own folder, or delete this one to retry"
+        )
+    return _Trainer(config, folder, info, stops).train()
+
+
+def refuse_other_run(where: Any, before: dict[str, Any], now: dict[str, Any]) -> None:
+    """CheckpointError listing the keys (old -> new) when ``where`` holds a run of another setting or seed."""
+    changed = differences(before, now)
+    if not changed:
+        return
+    listed = "; ".join(changed[:MAX_LISTED_DIFFERENCES])
+    if len(changed) > MAX_LISTED_DIFFERENCES:
+        listed += f"; and {len(changed) - MAX_LISTED_DIFFERENCES} more"
+    raise CheckpointError(
+        f"{where} holds a run of another setting ({listed}): a changed setting is a new run, so leave run_dir out "
+        f"(each setting gets its own folder) or delete {where} to start over"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -167,7 +226,21 @@ class _Trainer:
         self.progress = Progress()
         self.totals = EpochTotals.zeros(self.device)
         self.resumed = self._resume()
-        self.mirror = WandbMirror(config.logger, str(folder.path), self.progress.wandb_id)
+        self.identity = identity_record(config, info.world_size, self._model_record())
+        self.mirror = WandbMirror(
+            config.logger, str(folder.path), self.progress.wandb_id, group=self.identity["setting"],
+            name=f"{self.identity['setting']}-seed{trainer.seed}",
+        )
+
+    def _model_record(self) -> dict[str, Any]:
+        """The network as built, so a small PyramidNet is never mistaken for PyramidNet-110."""
+        spec = self.config.model
+        kwargs = model_kwargs(spec.name, spec.kwargs)
+        parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        return {
+            "name": spec.name, "kwargs": kwargs, "parameters": parameters,
+            "label": f"{model_label(spec.name, kwargs)} ({parameters / 1e6:.3g}M parameters)",
+        }
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -198,6 +271,7 @@ class _Trainer:
         ).to(self.device)
         if self.config.trainer.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        check_forward(model, self.data.image_size, dict(spec.kwargs))  # a kwarg that fails only in forward
         return model
 
     # ----------------------------------------------------------------------------------------- checkpoints
@@ -222,6 +296,7 @@ class _Trainer:
             "rng": capture_rng(),
             "wandb_id": progress.wandb_id,
             "config": to_plain(self.config),
+            "processes": self.info.world_size,
         }
 
     def _elapsed(self) -> float:
@@ -243,6 +318,7 @@ class _Trainer:
             totals = {**summed.to_plain(), "train_time_s": self.totals.train_time_s}
             replicas = distributed.gather_object({"totals": self.totals.to_plain(), "method": self._replica_state()})
         if self.info.is_main:
+            self.folder.lock.check()
             self.store.save(self._state(totals, replicas), best=best)
 
     def _replica_state(self) -> dict[str, Any] | None:
@@ -256,7 +332,15 @@ class _Trainer:
         state = self.store.load_latest(map_location=self.device)
         if state is None:
             return False
-        self._check_same_run(state.get("config", {}))
+        saved_processes = state.get("processes", len(state.get("replicas") or [None]))
+        try:
+            before = run_key(state.get("config", {}), saved_processes)
+        except FsamError:
+            raise CheckpointError(
+                f"the checkpoint in {self.store.folder} holds no config this version can read: delete the folder to "
+                "start over"
+            ) from None
+        refuse_other_run(self.store.folder, before, run_key(self.config, self.info.world_size))
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -274,50 +358,34 @@ class _Trainer:
             wall_time_s=state["wall_time_s"], wandb_id=state["wandb_id"],
         )
         replicas = state.get("replicas")
-        if self.info.distributed and replicas and len(replicas) == self.info.world_size:
+        if self.info.distributed and replicas:  # the same number of processes: the run key includes it
             own = replicas[self.info.rank]
             self.totals = EpochTotals.from_plain(own["totals"], self.device)
             if own["method"] is not None:
                 self.optimizer._load_method_state(own["method"])
-        else:
-            if replicas and self.info.is_main:
-                print(
-                    f"warning: the checkpoint was written by {len(replicas)} processes and this run has "
-                    f"{self.info.world_size}: every process continues from rank 0's F-SAM EMA, and the metrics "
-                    "of this epoch may differ in the last digits from an uninterrupted run",
-                    file=sys.stderr,
-                )
-            if self.info.is_main:  # the saved totals are those of all processes: counted once
-                self.totals = EpochTotals.from_plain(state["epoch_totals"], self.device)
+        elif self.info.is_main:
+            self.totals = EpochTotals.from_plain(state["epoch_totals"], self.device)
         self.launched_at = time.perf_counter()
         return True
-
-    def _check_same_run(self, saved: dict[str, Any]) -> None:
-        """CheckpointError naming the first setting where the checkpoint's run and this one differ in what the
-        weights and optimizer state mean (architecture, classes, method)."""
-        current = to_plain(self.config)
-        for group, key in IDENTITY_KEYS:
-            was, now = saved.get(group, {}).get(key), current[group][key]
-            if was != now:
-                raise CheckpointError(
-                    f"the checkpoint in {self.store.folder} was written with {group}.{key}={was!r} but this run has "
-                    f"{group}.{key}={now!r}: use another run folder (run_dir) or delete {self.store.folder} to "
-                    "start over"
-                )
 
     # ------------------------------------------------------------------------------------------- training
 
     def train(self) -> dict[str, Any]:
         config, progress = self.config, self.progress
         if self.info.is_main:
-            self.folder.create()
-            self.folder.write_config(to_plain(config))
+            self.folder.checkpoints.mkdir(exist_ok=True)
+            self.folder.write_config(self.identity, to_plain(config))
             self.folder.rewrite_metrics(progress.metrics)
+            self.folder.append_launch({
+                "host": socket.gethostname(), "pid": os.getpid(), "started": now_iso(), "command": command_line(),
+                "processes": self.info.world_size, "git_commit": git_commit(),
+                "from_epoch": progress.epoch, "from_batch": progress.batch, "from_step": progress.global_step,
+            })
         distributed.barrier()
         where = f"epoch {progress.epoch + 1}" + (f", batch {progress.batch}" if progress.batch else "")
         self.say(
             f"{'resuming' if self.resumed else 'training'} {config.optimizer.name} on {config.dataset.name} with "
-            f"{config.model.name}: {config.trainer.epochs} epochs of {self.steps_per_epoch} steps on "
+            f"{self.identity['model']['label']}: {config.trainer.epochs} epochs of {self.steps_per_epoch} steps on "
             f"{self.device} (amp {self.amp}){f', from {where}' if self.resumed else ''}; records in {self.folder.path}"
         )
         if self.info.is_main:
@@ -337,8 +405,8 @@ class _Trainer:
             self.mirror.finish(failed=True)
             raise
         summary = self._summary()
-        if self.info.is_main:
-            self.folder.write_summary(summary)  # last: its presence marks the run finished
+        if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
+            self.folder.write_summary(summary, epochs=len(progress.metrics))
         self.mirror.finish(summary)
         self.say(
             f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
@@ -495,6 +563,9 @@ class _Trainer:
         images = sum(row["images_per_s"] * row["epoch_time_s"] for row in progress.metrics)
         return {
             "status": "finished",
+            "setting": self.identity["setting"],
+            "setting_digest": self.identity["digest"],
+            "model": self.identity["model"],
             "final_top1": final["test_top1"],
             "final_top5": final["test_top5"],
             "final_test_loss": final["test_loss"],

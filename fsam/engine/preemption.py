@@ -1,4 +1,5 @@
-"""Stop cleanly when the cluster asks: SIGTERM, SIGUSR1 or SIGUSR2 become a checkpoint at the next step boundary.
+"""Stop cleanly when the cluster or the user asks: SIGTERM, SIGUSR1, SIGUSR2 and Ctrl-C (SIGINT) become a
+checkpoint at the next step boundary; a second Ctrl-C stops at once (KeyboardInterrupt), keeping the last checkpoint.
 
 SLURM sends SIGTERM before killing a preempted or cancelled job, and the signal chosen with ``--signal`` (USR1
 or USR2) some time before the time limit; submitit asks for SIGUSR2. A handler that wrote a checkpoint inside
@@ -27,12 +28,13 @@ import torch
 from fsam.engine import distributed
 from fsam.errors import Interrupted
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 __all__ = ["Interrupted", "STOP_SIGNALS", "StopSignals", "signal_name"]
 
 
 class StopSignals:
-    """Records the first of SIGTERM / SIGUSR1 / SIGUSR2 while active (a context manager); main thread only."""
+    """Records the first of SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT while active (a context manager); main thread
+    only."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -51,6 +53,8 @@ class StopSignals:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step to end
 
     def clear(self) -> None:
         self.received = None
@@ -66,6 +70,8 @@ class StopSignals:
     def previous_handler(self, signum: int) -> Callable[[int, FrameType | None], Any] | None:
         """The handler installed before ours, when it is a function (not the default action or ignore)."""
         previous = self._previous.get(signum)
+        if previous is signal.default_int_handler:
+            return None  # Python's own Ctrl-C handler (it raises KeyboardInterrupt): nothing to hand the signal to
         return previous if callable(previous) else None
 
     def forward(self, signum: int) -> None:

@@ -68,12 +68,20 @@ def new_run_id() -> str:
 
 
 class WandbMirror:
-    """Mirror of one run; ``run_id`` (kept in the checkpoints) makes a resumed run continue the same wandb run."""
+    """Mirror of one run; ``run_id`` (kept in the checkpoints) makes a resumed run continue the same wandb run.
 
-    def __init__(self, config: LoggerConfig, run_dir: str, run_id: str) -> None:
+    ``group`` and ``name`` are used unless the logger config sets its own: the engine passes the run's setting
+    name (seeds of one setting form one wandb group) and the setting name with the seed.
+    """
+
+    def __init__(
+        self, config: LoggerConfig, run_dir: str, run_id: str, *, group: str | None = None, name: str | None = None
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.run_id = run_id
+        self.group = config.group or group
+        self.name = config.name or name
         self.run: Any = None
 
     def start(self, plain_config: dict[str, Any], *, resumed: bool) -> None:
@@ -99,9 +107,9 @@ class WandbMirror:
             self.run = wandb.init(
                 project=self.config.project,
                 entity=self.config.entity,
-                group=self.config.group,
+                group=self.group,
                 tags=list(self.config.tags) or None,
-                name=self.config.name,
+                name=self.name,
                 mode=mode,
                 dir=self.run_dir,
                 config=plain_config,

@@ -1,27 +1,30 @@
 """Read run folders: the one record format that tables and plots use, whatever launched the runs.
 
-A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per epoch) and,
-once finished, ``summary.json``. Folders without ``summary.json`` are reported as unfinished (or diverged when
-``status.json`` says so), never mixed into the finished results.
+Each folder is read through :class:`fsam.runfolder.RunFolder`: ``config.yaml`` (the identity and the checked
+config), ``metrics.jsonl`` (one JSON object per epoch) and, once finished, ``summary.json``. Runs are grouped by
+their ``setting`` (what they compute, see :mod:`fsam.runfolder`), never by a fixed list of keys. Folders without
+``summary.json`` are reported as unfinished (or diverged when ``status.json`` says so), never mixed into the
+finished results.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from fsam.runfolder import RunFolder, model_kwargs, model_label, read_json, read_metrics
+
+# Columns shown beside each setting; they describe it, the setting's digest decides what is grouped.
 CONFIG_COLUMNS = {
     "dataset": ("dataset", "name"),
     "noise": ("dataset", "noise", "kind"),
     "noise_ratio": ("dataset", "noise", "ratio"),
-    "model": ("model", "name"),
     "optimizer": ("optimizer", "name"),
     "base": ("optimizer", "base"),
     "lr": ("optimizer", "lr"),
+    "weight_decay": ("optimizer", "weight_decay"),
     "rho": ("optimizer", "rho"),
     "sigma": ("optimizer", "sigma"),
     "lmbda": ("optimizer", "lmbda"),
@@ -39,42 +42,37 @@ def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """The per-epoch records of one run; lines that are not complete JSON (a run killed mid-write) are skipped."""
-    rows = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_metrics(Path(run_dir) / "metrics.jsonl"))
 
 
 def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run folder found under ``root``: config columns, status and the summary's figures."""
+    """One row per run folder found under ``root``: its setting, config columns, status and the summary's figures.
+
+    ``model`` is the network as built (``pyramidnet8`` for a PyramidNet of depth 8), ``model_parameters`` its
+    parameter count where the run recorded it.
+    """
     rows = []
     for config_path in sorted(Path(root).rglob("config.yaml")):
-        run_dir = config_path.parent
-        if run_dir.name == ".hydra":
+        folder = RunFolder(config_path.parent)
+        config, identity = folder.read_config()
+        if config is None:
             continue
-        config = yaml.safe_load(config_path.read_text()) or {}
-        row: dict[str, Any] = {"run_dir": str(run_dir)}
+        model = config.get("model") or {}
+        row: dict[str, Any] = {
+            "run_dir": str(folder.path),
+            "setting": identity["setting"] if identity else None,
+            "model": model_label(model.get("name", "?"), model_kwargs(model.get("name", "?"), model.get("kwargs") or {}))
+            if identity else model.get("name"),
+            "model_parameters": ((identity or {}).get("model") or {}).get("parameters"),
+        }
         row.update({column: _lookup(config, path) for column, path in CONFIG_COLUMNS.items()})
-        summary = _read_json(run_dir / "summary.json")
-        status = _read_json(run_dir / "status.json") or {}
+        summary = folder.finished_summary()
         if summary is not None:
             row["status"] = summary.get("status", "finished")
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
         else:
-            row["status"] = status.get("status", "unfinished")
+            row["status"] = (read_json(folder.status) or {}).get("status", "unfinished")
         rows.append(row)
     return pd.DataFrame(rows)

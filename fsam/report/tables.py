@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-GROUP_COLUMNS = ["dataset", "noise", "noise_ratio", "model", "optimizer", "rho", "sigma", "lmbda", "epochs"]
+# Shown beside each setting (they describe it; the setting's digest is what groups seeds).
+DESCRIBE_COLUMNS = ["dataset", "noise", "noise_ratio", "model", "optimizer", "lr", "weight_decay", "rho", "sigma",
+                    "lmbda", "epochs", "batch_size"]
 METHOD_ORDER = ["sgd", "sam", "fsam", "asam", "fasam"]
 # The cells of the paper's main CIFAR table (Li et al., CVPR 2024); their values could not be obtained.
 PAPER_MODELS = ["resnet18", "wrn28_10", "pyramidnet110"]
@@ -15,22 +17,31 @@ PAPER_METHODS = ["sgd", "sam", "fsam"]
 
 
 def summarise(runs: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
-    """Mean, standard deviation and number of seeds of ``metric`` over finished runs with the same settings."""
+    """Mean, standard deviation and number of seeds of ``metric`` over the finished runs of each setting.
+
+    One row per setting (runs differing in anything but the seed and the free keys are never averaged); the
+    describing columns are the setting's values. ``std`` is empty for a single seed.
+    """
     finished = runs[runs.get("status", pd.Series(dtype=str)) == "finished"] if len(runs) else runs
+    columns = [c for c in DESCRIBE_COLUMNS if c in finished]
     if finished.empty or metric not in finished:
-        return pd.DataFrame(columns=[*GROUP_COLUMNS, "mean", "std", "seeds"])
-    keys = [c for c in GROUP_COLUMNS if c in finished]
-    grouped = finished.fillna({c: "-" for c in keys}).groupby(keys, dropna=False)[metric]
-    table = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
-    table["std"] = table["std"].fillna(0.0)
-    return table
+        return pd.DataFrame(columns=["setting", *DESCRIBE_COLUMNS, "mean", "std", "seeds"])
+    grouped = finished.groupby("setting", sort=True)
+    table = grouped[columns].first()
+    table["mean"] = grouped[metric].mean()
+    table["std"] = grouped[metric].std()  # NaN for one seed: there is no spread to show
+    table["seeds"] = grouped[metric].count()
+    return table.reset_index()
 
 
 def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Rows dataset/model, columns methods, cells ``mean ± std (n)``; empty cells for settings never run."""
     if summary.empty:
         return pd.DataFrame()
-    cells = summary.assign(cell=[f"{m:.2f} ± {s:.2f} ({int(n)})" for m, s, n in zip(summary["mean"], summary["std"], summary["seeds"])])
+    cells = summary.assign(cell=[
+        f"{m:.2f} ± {s:.2f} ({int(n)})" if n > 1 else f"{m:.2f} ({int(n)})"
+        for m, s, n in zip(summary["mean"], summary["std"], summary["seeds"])
+    ])
     wide = cells.pivot_table(index=["dataset", "model"], columns="optimizer", values="cell", aggfunc="first")
     ordered = [m for m in METHOD_ORDER if m in wide.columns] + [m for m in wide.columns if m not in METHOD_ORDER]
     return wide[ordered].fillna("")

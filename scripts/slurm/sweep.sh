@@ -2,7 +2,7 @@
 # A sweep on SLURM through hydra-submitit-launcher: one job per run (a job array), each requeued when it is
 # preempted or reaches its time limit, continuing from its last checkpoint (configs/hydra/launcher/slurm.yaml).
 # Run it on the login node inside tmux or screen: Hydra's launcher submits the jobs, then waits for them and
-# reports each one's result. Jobs' logs: runs/<experiment>/.submitit/. Relaunching the same command skips the
+# reports each one's result. Jobs' logs: runs/sweeps/<date>_<time>/.submitit/. Relaunching the same command skips the
 # finished runs and continues the others.
 #
 #   PARTITION=gpu ACCOUNT=myproject bash scripts/slurm/sweep.sh
