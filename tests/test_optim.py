@@ -458,6 +458,41 @@ def test_fp16_sgd_skips_nonfinite_steps():
     assert out.skipped and torch.equal(model[0].weight, weights)
 
 
+def test_fp16_fsam_ema_holds_the_unscaled_clean_gradient():
+    """The F-SAM EMA is in gradient units: the loss scale is divided out before first_step() reads p.grad."""
+    torch.manual_seed(0)
+    model = small_bn_net()
+    float32_copy = copy.deepcopy(model)
+    x, y = batches(1)[0]
+    F.cross_entropy(float32_copy(x), y).backward()
+    opt = create_optimizer(model, "fsam", lr=0.1, momentum=0.9, rho=0.5)
+    precision = Precision("fp16", "cpu")
+    assert precision.scaler.get_scale() > 1  # a scale that is not divided out would show in the EMA
+    train_step(model, x, y, F.cross_entropy, opt, precision=precision)
+    for parameter, reference in zip(model.parameters(), float32_copy.parameters()):
+        torch.testing.assert_close(opt.state[parameter]["ema"], reference.grad, rtol=1e-2, atol=1e-3)
+
+
+def fp16_fsam_weights(init_scale: float, growth_interval: int, steps: int = 4) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = small_bn_net()
+    opt = create_optimizer(model, "fsam", lr=0.1, momentum=0.9, rho=0.5, sigma=1.0, lmbda=0.6)
+    precision = Precision("fp16", "cpu")
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+    for x, y in batches(steps):
+        assert not train_step(model, x, y, F.cross_entropy, opt, precision=precision).skipped
+    return [parameter.detach().clone() for parameter in model.parameters()]
+
+
+def test_fp16_fsam_weights_do_not_depend_on_the_loss_scale():
+    """A loss scale doubling every step (2^8, 2^9, ...) and a fixed 2^16 give the same weights: powers of two
+    scale fp16 exactly, so any difference is a scale that leaked into the EMA, the perturbation or the update."""
+    growing = fp16_fsam_weights(init_scale=2.0**8, growth_interval=1)
+    fixed = fp16_fsam_weights(init_scale=2.0**16, growth_interval=10_000)
+    for a, b in zip(growing, fixed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_step_runs_without_scaler():
     model = small_bn_net()
     opt = create_optimizer(model, "fsam")
