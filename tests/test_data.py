@@ -392,17 +392,24 @@ def _unit(images: torch.Tensor, draws: torch.Tensor, spec: AugmentSpec) -> torch
     return augment(images, draws, spec, zeros, ones)
 
 
-def test_random_crop_is_a_window_of_the_zero_padded_image():
+def test_random_crop_is_a_window_of_the_black_padded_image_then_normalised():
+    """The padding is black (0 before normalisation, -mean/std after), as torchvision's RandomCrop(32, 4) before
+    Normalize: padding with the mean colour (0 after normalisation) would be another augmentation."""
     images = torch.randint(1, 256, (4, 3, 32, 32), dtype=torch.uint8)
     offsets_y, offsets_x = [0, 4, 8, 2], [0, 4, 8, 7]
-    spec = AugmentSpec(flip=False, cutout=False, normalize=False)
-    out = _unit(images, _fixed_draws(4, offset_y=offsets_y, offset_x=offsets_x), spec)
+    spec = AugmentSpec(flip=False, cutout=False)
+    assert spec.normalize
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    out = augment(images, _fixed_draws(4, offset_y=offsets_y, offset_x=offsets_x), spec, mean, std)
     assert out.shape == images.shape
     padded = torch.nn.functional.pad(images.float() / 255.0, (4, 4, 4, 4))
     for i, (dy, dx) in enumerate(zip(offsets_y, offsets_x)):
-        torch.testing.assert_close(out[i], padded[i, :, dy : dy + 32, dx : dx + 32], rtol=0, atol=0)
-    assert (out[0, :, :4, :] == 0).all() and (out[0, :, 4:, 4:] > 0).all()
-    torch.testing.assert_close(out[1], images[1].float() / 255.0, rtol=0, atol=0)  # offset = padding: no shift
+        window = padded[i : i + 1, :, dy : dy + 32, dx : dx + 32]
+        torch.testing.assert_close(out[i : i + 1], (window - mean) / std, rtol=0, atol=1e-6)
+    black = (-mean / std).view(3, 1, 1)
+    torch.testing.assert_close(out[0, :, :4, :], black.expand(3, 4, 32), rtol=0, atol=1e-6)
+    assert (out[0, :, 4:, 4:] > black).all()
+    torch.testing.assert_close(out[1:2], (images[1:2].float() / 255.0 - mean) / std, rtol=0, atol=1e-6)  # no shift
 
 
 def test_flip_mirrors_exactly_the_images_drawn_for_it():
