@@ -16,9 +16,14 @@ MODEL_NAMES = (
 TIMM_PREFIX = "timm:"
 # The keyword arguments each model builder takes and their defaults, so a run's identity completes
 # ``model.kwargs`` without building the model (tests/test_runfolder.py checks them against the builders).
+# init: "ours" or "release" (the F-SAM release's initialisation of that family).
 MODEL_DEFAULTS = {
-    "pyramidnet110": {"depth": 110, "alpha": 270.0, "bottleneck": True},
-    "wrn28_10": {"drop_rate": 0.0},
-    "wrn16_8": {"drop_rate": 0.0},
+    "resnet18": {"init": "ours"},
+    "resnet34": {"init": "ours"},
+    "resnet50": {"init": "ours"},
+    "pyramidnet110": {"depth": 110, "alpha": 270.0, "bottleneck": True, "init": "ours"},
+    "wrn28_10": {"drop_rate": 0.0, "init": "ours"},
+    "wrn16_8": {"drop_rate": 0.0, "init": "ours"},
+    "vgg16_bn": {"init": "ours"},
     "vit_cifar": {"patch_size": 4},
 }

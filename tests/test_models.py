@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from fsam.errors import ConfigError
 from fsam.models import CIFAR_MODELS, TIMM_ALIASES, available_models, check_forward, create_model
 from fsam.models.pyramidnet import PyramidNet
 from fsam.models.resnet import BasicBlock, Bottleneck, ResNet
+from fsam.models.weight_init import INITS
 from fsam.models.wide_resnet import WideResNet
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -169,6 +173,99 @@ def test_timm_alias_builds_its_timm_architecture(alias):
 def test_vit_alias_sizes_its_position_embedding_from_image_size():
     model = create_model("vit_small", 10, image_size=64)
     assert model.pos_embed.shape[1] == 1 + 4 * 4  # 16x16 patches over 64 px
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# SHA-256 (first 16 hex digits) of the state dict with 100 classes after torch.manual_seed(0), computed with the
+# code before init existed (commit f69f10c), when every model started from what init="ours" now draws.
+WEIGHTS_BEFORE_INIT_OPTION = {
+    "resnet18": "afefd86f63d8f52d",
+    "resnet34": "1853cfe616ad0a7a",
+    "resnet50": "920a8222c0d36b17",
+    "wrn28_10": "da78925528e5d567",
+    "wrn16_8": "841c5a87f2702e49",
+    "pyramidnet110": "f99ff83fe3bba80d",
+    "vgg16_bn": "0d71b30c4e3d6a70",
+}
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="torch draws float32 normal numbers with vectorised AVX2 code on x86 and with scalar code elsewhere; "
+    "the two differ in the last bit, and the digests were taken with the first",
+)
+@pytest.mark.parametrize("name", sorted(WEIGHTS_BEFORE_INIT_OPTION))
+def test_init_ours_gives_bit_for_bit_the_weights_earlier_runs_started_from(name):
+    torch.manual_seed(0)
+    assert state_digest(create_model(name, 100, init="ours")) == WEIGHTS_BEFORE_INIT_OPTION[name]
+
+
+def test_every_cifar_model_defaults_to_init_ours():
+    for name, builder in CIFAR_MODELS.items():
+        assert inspect.signature(builder).parameters["init"].default == "ours", name
+
+
+def conv_weight_std(model: torch.nn.Module, path: str) -> float:
+    return model.get_submodule(path).weight.std().item()
+
+
+def test_init_release_keeps_pytorchs_default_in_resnets():
+    torch.manual_seed(0)
+    ours = create_model("resnet18", 100, init="ours")
+    release = create_model("resnet18", 100, init="release")
+    deep = "stages.3.1.conv2"  # 3x3, 512 -> 512: fan-in = fan-out = 4608
+    fan_in = 512 * 9
+    # kaiming-normal fan-out: std sqrt(2 / fan_out); kaiming-uniform a = sqrt(5): std 1 / sqrt(3 fan_in)
+    assert conv_weight_std(ours, deep) == pytest.approx(math.sqrt(2 / fan_in), rel=0.02)
+    assert conv_weight_std(release, deep) == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.02)
+    assert conv_weight_std(ours, deep) / conv_weight_std(release, deep) == pytest.approx(math.sqrt(6), rel=0.03)
+    assert release.get_submodule(deep).weight.abs().max() <= 1 / math.sqrt(fan_in)
+    assert torch.count_nonzero(ours.fc.bias) == 0
+    assert torch.count_nonzero(release.fc.bias) == 100 and release.fc.bias.abs().max() <= 1 / math.sqrt(512)
+
+
+def test_init_release_of_wide_resnets_is_fan_in_convolutions_and_an_all_zero_head():
+    torch.manual_seed(0)
+    release = create_model("wrn16_8", 100, init="release")
+    ours = create_model("wrn16_8", 100, init="ours")
+    assert torch.count_nonzero(release.fc.weight) == 0 and torch.count_nonzero(release.fc.bias) == 0
+    assert torch.count_nonzero(ours.fc.weight) == 100 * 512
+    first = "stages.0.0.conv1"  # 3x3, 16 -> 128: fan-in 144, fan-out 1152
+    assert conv_weight_std(release, first) == pytest.approx(math.sqrt(2 / (16 * 9)), rel=0.02)
+    assert conv_weight_std(ours, first) == pytest.approx(math.sqrt(2 / (128 * 9)), rel=0.02)
+    with torch.no_grad():
+        assert torch.count_nonzero(release(torch.randn(BATCH_32PX))) == 0  # uniform predictions at the start
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda init: PyramidNet(20, 48, 10, init=init), lambda init: create_model("vgg16_bn", 10, init=init)],
+    ids=["pyramidnet", "vgg16_bn"],
+)
+def test_init_release_of_pyramidnet_and_vgg_differs_from_ours_only_in_the_linear_bias(build):
+    torch.manual_seed(0)
+    ours = build("ours").state_dict()
+    torch.manual_seed(0)
+    release = build("release").state_dict()
+    assert [key for key in ours if not torch.equal(ours[key], release[key])] == ["fc.bias"]
+    assert torch.count_nonzero(ours["fc.bias"]) == 0 and torch.count_nonzero(release["fc.bias"]) == 10
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
+@pytest.mark.parametrize("init", ["kaiming", "Ours", None])
+def test_an_unknown_init_is_a_config_error_naming_the_key_and_the_choices(name, init):
+    with pytest.raises(ConfigError) as error:
+        create_model(name, 10, init=init)
+    message = str(error.value)
+    assert message.startswith(f"model.kwargs.init={init!r} is not an initialisation: choose ours")
+    assert all(choice in message for choice in INITS) and "\n" not in message
 
 
 def test_wide_resnet_passes_drop_rate_to_its_dropout():

@@ -18,7 +18,8 @@ from fsam.models.wide_resnet import wrn16_8, wrn28_10
 from fsam.names import TIMM_PREFIX
 
 
-# Models written here for 32x32 inputs; each builder takes num_classes and its own keyword arguments.
+# Models written here for 32x32 inputs; each builder takes num_classes, init ("ours" or "release") and its own
+# keyword arguments.
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
@@ -70,8 +71,9 @@ def create_model(
             pass ``img_size`` in kwargs.
         pretrained_path: a local weights file loaded after building (see :func:`load_pretrained`); nothing is
             ever downloaded.
-        kwargs: the architecture's own options, e.g. ``drop_rate`` for the Wide ResNets, ``depth`` / ``alpha`` /
-            ``bottleneck`` for PyramidNet, any ``timm.create_model`` argument for timm models.
+        kwargs: the architecture's own options, e.g. ``init`` ("ours" or "release": the F-SAM release's
+            initialisation of that family) for every model written here, ``drop_rate`` for the Wide ResNets,
+            ``depth`` / ``alpha`` / ``bottleneck`` for PyramidNet, any ``timm.create_model`` argument for timm models.
     Raises:
         ConfigError: unknown name or kwarg, a kwarg value the builder refuses, num_classes or image_size below 1,
             weights that do not fit. Values refused only in the forward pass: see :func:`check_forward`.

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fsam.errors import ConfigError
-from fsam.models.weight_init import PooledClassifier
+from fsam.models.weight_init import PooledClassifier, check_init, init_normal_fan_out_convs
 
 
 def _zero_padded_shortcut(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
@@ -73,10 +73,14 @@ class PyramidNet(PooledClassifier):
     """PyramidNet-depth with widening factor alpha: images [B, 3, H, W] -> logits [B, num_classes].
 
     depth = 9N + 2 with bottleneck blocks (6N + 2 with basic blocks), N blocks in each of three stages; block k of
-    3N has round(16 + k * alpha / 3N) channels before the bottleneck's 4x expansion.
+    3N has round(16 + k * alpha / 3N) channels before the bottleneck's 4x expansion. init="release" is the F-SAM
+    release's (models/pyramidnet.py): convolutions drawn as ours, but the linear bias keeps PyTorch's uniform default.
     """
 
-    def __init__(self, depth: int, alpha: float, num_classes: int, bottleneck: bool = True) -> None:
+    def __init__(
+        self, depth: int, alpha: float, num_classes: int, bottleneck: bool = True, init: str = "ours"
+    ) -> None:
+        check_init(init)
         super().__init__()
         layers_per_block = 3 if bottleneck else 2
         if (depth - 2) % (3 * layers_per_block) != 0 or depth < 2 + 3 * layers_per_block:
@@ -102,12 +106,17 @@ class PyramidNet(PooledClassifier):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_channels)
-        self._add_head(in_channels, num_classes)
+        self._add_head(in_channels, num_classes, init, release_init=init_normal_fan_out_convs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.stem(x))))
 
 
-def pyramidnet110(num_classes: int, depth: int = 110, alpha: float = 270, bottleneck: bool = True) -> PyramidNet:
-    """PyramidNet-110 with alpha = 270 and bottleneck blocks unless depth / alpha / bottleneck say otherwise."""
-    return PyramidNet(depth, alpha, num_classes, bottleneck)
+def pyramidnet110(
+    num_classes: int, depth: int = 110, alpha: float = 270, bottleneck: bool = True, init: str = "ours"
+) -> PyramidNet:
+    """PyramidNet-110 with alpha = 270 and bottleneck blocks unless depth / alpha / bottleneck say otherwise.
+
+    With the defaults it is the F-SAM release's ``PyramidNet110``: 18,426,837 parameters at 100 classes.
+    """
+    return PyramidNet(depth, alpha, num_classes, bottleneck, init)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fsam.models.weight_init import PooledClassifier
+from fsam.models.weight_init import PooledClassifier, check_init, init_pytorch_default
 
 
 def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -64,11 +64,18 @@ class ResNet(PooledClassifier):
     """CIFAR ResNet: images [B, 3, H, W] -> logits [B, num_classes].
 
     Built for H = W = 32 (the last stage sees 4x4); global average pooling makes any size from 8 up work.
+    init="release" keeps PyTorch's default initialisation, as the F-SAM release's ResNet (models/resnet.py) does:
+    it re-initialises nothing after construction.
     """
 
     def __init__(
-        self, block: type[BasicBlock | Bottleneck], blocks_per_stage: tuple[int, ...], num_classes: int
+        self,
+        block: type[BasicBlock | Bottleneck],
+        blocks_per_stage: tuple[int, ...],
+        num_classes: int,
+        init: str = "ours",
     ) -> None:
+        check_init(init)
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         stages = []
@@ -82,19 +89,20 @@ class ResNet(PooledClassifier):
                 in_channels = channels * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self._add_head(in_channels, num_classes)
+        self._add_head(in_channels, num_classes, init, release_init=init_pytorch_default)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
 
-def resnet18(num_classes: int) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+def resnet18(num_classes: int, init: str = "ours") -> ResNet:
+    """ResNet-18, the F-SAM release's network too: 11,220,132 parameters at 100 classes."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, init)
 
 
-def resnet34(num_classes: int) -> ResNet:
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes)
+def resnet34(num_classes: int, init: str = "ours") -> ResNet:
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, init)
 
 
-def resnet50(num_classes: int) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+def resnet50(num_classes: int, init: str = "ours") -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, init)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fsam.errors import ConfigError
-from fsam.models.weight_init import PooledClassifier
+from fsam.models.weight_init import PooledClassifier, check_init, init_fan_in_convs_zero_linear
 
 
 class WideBlock(nn.Module):
@@ -35,9 +35,14 @@ class WideResNet(PooledClassifier):
     """WRN-depth-widen_factor: images [B, 3, H, W] -> logits [B, num_classes].
 
     depth = 6n + 4 with n blocks per stage; drop_rate is the dropout probability between a block's convolutions.
+    init="release" is the F-SAM release's (models/wide_resnet.py): kaiming-normal fan-in convolutions and an
+    all-zero linear head.
     """
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, depth: int, widen_factor: int, num_classes: int, drop_rate: float = 0.0, init: str = "ours"
+    ) -> None:
+        check_init(init)
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ConfigError(
@@ -59,15 +64,18 @@ class WideResNet(PooledClassifier):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_channels)
-        self._add_head(in_channels, num_classes)
+        self._add_head(in_channels, num_classes, init, release_init=init_fan_in_convs_zero_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.stem(x))))
 
 
-def wrn28_10(num_classes: int, drop_rate: float = 0.0) -> WideResNet:
-    return WideResNet(28, 10, num_classes, drop_rate)
+def wrn28_10(num_classes: int, drop_rate: float = 0.0, init: str = "ours") -> WideResNet:
+    """WRN-28-10: 4 blocks per stage, 36,536,884 parameters at 100 classes."""
+    return WideResNet(28, 10, num_classes, drop_rate, init)
 
 
-def wrn16_8(num_classes: int, drop_rate: float = 0.0) -> WideResNet:
-    return WideResNet(16, 8, num_classes, drop_rate)
+def wrn16_8(num_classes: int, drop_rate: float = 0.0, init: str = "ours") -> WideResNet:
+    """WRN-16-8: 2 blocks per stage, 11,007,540 parameters at 100 classes."""
+    return WideResNet(16, 8, num_classes, drop_rate, init)
+
