@@ -11,12 +11,12 @@ PRECISION_MODES = ("bf16", "fp16", "off")
 # fsam.models.available_models(): the CIFAR-stem models written here and the short names of timm models
 MODEL_NAMES = (
     "deit_small", "pyramidnet110", "resnet18", "resnet34", "resnet50", "resnet50_imagenet", "vgg16_bn",
-    "vit_cifar", "vit_small", "wrn16_8", "wrn28_10",
+    "vgg16_bn_release", "vit_cifar", "vit_small", "wrn16_8", "wrn16_8_release", "wrn28_10", "wrn28_10_release",
 )
 TIMM_PREFIX = "timm:"
 # The keyword arguments each model builder takes and their defaults, so a run's identity completes
 # ``model.kwargs`` without building the model (tests/test_runfolder.py checks them against the builders).
-# init: "ours" or "release" (the F-SAM release's initialisation of that family).
+# init: "ours" or "release" (the F-SAM release's initialisation); the *_release networks start from the release's.
 MODEL_DEFAULTS = {
     "resnet18": {"init": "ours"},
     "resnet34": {"init": "ours"},
@@ -24,6 +24,9 @@ MODEL_DEFAULTS = {
     "pyramidnet110": {"depth": 110, "alpha": 270.0, "bottleneck": True, "init": "ours"},
     "wrn28_10": {"drop_rate": 0.0, "init": "ours"},
     "wrn16_8": {"drop_rate": 0.0, "init": "ours"},
+    "wrn28_10_release": {"drop_rate": 0.0, "init": "release"},
+    "wrn16_8_release": {"drop_rate": 0.0, "init": "release"},
     "vgg16_bn": {"init": "ours"},
+    "vgg16_bn_release": {"init": "release"},
     "vit_cifar": {"patch_size": 4},
 }

@@ -19,7 +19,7 @@ from fsam.models import CIFAR_MODELS, TIMM_ALIASES, available_models, check_forw
 from fsam.models.pyramidnet import PyramidNet
 from fsam.models.resnet import BasicBlock, Bottleneck, ResNet
 from fsam.models.weight_init import INITS
-from fsam.models.wide_resnet import WideResNet
+from fsam.models.wide_resnet import WideBlock, WideResNet
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 BATCH_32PX = (2, 3, 32, 32)
@@ -72,6 +72,21 @@ EXACT_SIZES = {
 }
 
 
+# Exact counts with 100 classes, checked against the F-SAM release's networks built side by side (issue 11): the
+# release's ResNet-18 and PyramidNet-110 are ours; its WideResNet28x10 / WideResNet16x8 have one block per stage
+# more than their names say and its VGG16BN has convolution biases and a three-layer classifier, hence *_release.
+SIZES_AT_100_CLASSES = {
+    "resnet18": 11_220_132,
+    "pyramidnet110": 18_426_837,
+    "wrn28_10": 36_536_884,
+    "wrn28_10_release": 46_218_164,
+    "wrn16_8": 11_007_540,
+    "wrn16_8_release": 17_204_276,
+    "vgg16_bn": 14_770_212,
+    "vgg16_bn_release": 15_299_748,
+}
+
+
 @pytest.mark.parametrize(
     "name, kwargs, millions, source",
     LITERATURE_SIZES,
@@ -85,6 +100,35 @@ def test_parameter_count_is_within_2_percent_of_the_literature(name, kwargs, mil
 @pytest.mark.parametrize("name", sorted(EXACT_SIZES))
 def test_parameter_count_is_pinned_exactly(name):
     assert count_parameters(build_on_meta(name)) == EXACT_SIZES[name]
+
+
+@pytest.mark.parametrize("name", sorted(SIZES_AT_100_CLASSES))
+def test_parameter_count_at_100_classes_is_the_one_measured_against_the_release(name):
+    assert count_parameters(build_on_meta(name, 100)) == SIZES_AT_100_CLASSES[name]
+
+
+@pytest.mark.parametrize("name, standard, blocks_per_stage", [("wrn28_10_release", 28, 5), ("wrn16_8_release", 16, 3)])
+def test_release_wide_resnets_have_one_block_per_stage_more_than_their_names_say(name, standard, blocks_per_stage):
+    model = build_on_meta(name, 100)
+    assert [len(stage) for stage in model.stages] == [blocks_per_stage] * 3
+    assert all(isinstance(block, WideBlock) for stage in model.stages for block in stage)
+    convolutions = sum(isinstance(module, torch.nn.Conv2d) for module in model.modules())
+    # stem + two per block + three 1x1 projections; WRN-(6n + 4) has 6n + 4 with n blocks per stage.
+    assert convolutions == 1 + 2 * 3 * blocks_per_stage + 3 == standard + 6
+
+
+def test_release_vgg_has_convolution_biases_and_a_three_layer_classifier_with_dropout():
+    release, standard = build_on_meta("vgg16_bn_release", 100), build_on_meta("vgg16_bn", 100)
+    release_convs = [m for m in release.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(release_convs) == 13 and all(conv.bias is not None for conv in release_convs)
+    assert all(m.bias is None for m in standard.modules() if isinstance(m, torch.nn.Conv2d))
+    layers = [type(m).__name__ for m in release.hidden] + [type(release.fc).__name__]
+    assert layers == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert {m.p for m in release.hidden if isinstance(m, torch.nn.Dropout)} == {0.5}
+    assert [(m.in_features, m.out_features) for m in release.modules() if isinstance(m, torch.nn.Linear)] == [
+        (512, 512), (512, 512), (512, 100)
+    ]
+    assert release.get_classifier() is release.fc
 
 
 def test_classifier_width_follows_num_classes():
@@ -108,11 +152,14 @@ def test_channels_last_forward_equals_contiguous_forward(name):
     # float64, so that the two layouts' different kernels agree far below 1e-5 and only a layout bug shows.
     torch.manual_seed(0)
     # Two transformer blocks are enough for the ViT: only its patch embedding sees the image layout.
-    model = create_model(name, 10, **({"depth": 2} if name == "vit_cifar" else {})).double()
+    # init="ours" everywhere: the release WRN init's zero head would make any two layouts agree.
+    model = create_model(name, 10, **({"depth": 2} if name == "vit_cifar" else {"init": "ours"})).double()
     images = torch.randn(BATCH_32PX, dtype=torch.float64)
     with torch.no_grad():
+        torch.manual_seed(1)  # the same dropout masks in both passes (vgg16_bn_release's classifier has dropout)
         contiguous = model(images)
         model.to(memory_format=torch.channels_last)
+        torch.manual_seed(1)
         channels_last = model(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(channels_last, contiguous, rtol=0, atol=1e-5)
 
@@ -125,6 +172,7 @@ SMALL_FAMILY_MEMBERS = {
     "pyramidnet_bottleneck": lambda: PyramidNet(20, 48, 10),
     "pyramidnet_basic": lambda: PyramidNet(14, 48, 10, bottleneck=False),
     "vgg16_bn": lambda: create_model("vgg16_bn", 10),
+    "vgg16_bn_release": lambda: create_model("vgg16_bn_release", 10),
 }
 
 
@@ -207,9 +255,10 @@ def test_init_ours_gives_bit_for_bit_the_weights_earlier_runs_started_from(name)
     assert state_digest(create_model(name, 100, init="ours")) == WEIGHTS_BEFORE_INIT_OPTION[name]
 
 
-def test_every_cifar_model_defaults_to_init_ours():
+def test_standard_models_default_to_init_ours_and_release_networks_to_init_release():
     for name, builder in CIFAR_MODELS.items():
-        assert inspect.signature(builder).parameters["init"].default == "ours", name
+        default = inspect.signature(builder).parameters["init"].default
+        assert default == ("release" if name.endswith("_release") else "ours"), name
 
 
 def conv_weight_std(model: torch.nn.Module, path: str) -> float:
@@ -233,8 +282,8 @@ def test_init_release_keeps_pytorchs_default_in_resnets():
 
 def test_init_release_of_wide_resnets_is_fan_in_convolutions_and_an_all_zero_head():
     torch.manual_seed(0)
-    release = create_model("wrn16_8", 100, init="release")
-    ours = create_model("wrn16_8", 100, init="ours")
+    release = create_model("wrn16_8_release", 100)
+    ours = create_model("wrn16_8_release", 100, init="ours")
     assert torch.count_nonzero(release.fc.weight) == 0 and torch.count_nonzero(release.fc.bias) == 0
     assert torch.count_nonzero(ours.fc.weight) == 100 * 512
     first = "stages.0.0.conv1"  # 3x3, 16 -> 128: fan-in 144, fan-out 1152
@@ -256,6 +305,17 @@ def test_init_release_of_pyramidnet_and_vgg_differs_from_ours_only_in_the_linear
     release = build("release").state_dict()
     assert [key for key in ours if not torch.equal(ours[key], release[key])] == ["fc.bias"]
     assert torch.count_nonzero(ours["fc.bias"]) == 0 and torch.count_nonzero(release["fc.bias"]) == 10
+
+
+def test_init_release_of_the_release_vgg_zeroes_conv_biases_and_keeps_the_linear_defaults():
+    torch.manual_seed(0)
+    model = create_model("vgg16_bn_release", 100)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(torch.count_nonzero(conv.bias) == 0 for conv in convs)
+    assert conv_weight_std(model, "features.40") == pytest.approx(math.sqrt(2 / (512 * 9)), rel=0.02)
+    for linear in (model.hidden[1], model.hidden[4], model.fc):
+        assert torch.count_nonzero(linear.bias) == linear.out_features
+        assert linear.weight.abs().max() <= 1 / math.sqrt(linear.in_features)
 
 
 @pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
@@ -511,7 +571,8 @@ def test_available_models_are_sorted_and_include_the_contract_names():
     names = available_models()
     assert names == sorted(names)
     contract = {"resnet18", "resnet34", "resnet50", "wrn28_10", "wrn16_8", "pyramidnet110", "vgg16_bn",
-                "vit_cifar", "resnet50_imagenet", "deit_small", "vit_small"}  # fmt: skip
+                "vit_cifar", "resnet50_imagenet", "deit_small", "vit_small",
+                "wrn28_10_release", "wrn16_8_release", "vgg16_bn_release"}  # fmt: skip
     assert set(names) == contract
 
 

@@ -13,21 +13,24 @@ from fsam.errors import ConfigError
 from fsam.models.pretrained import load_pretrained
 from fsam.models.pyramidnet import pyramidnet110
 from fsam.models.resnet import resnet18, resnet34, resnet50
-from fsam.models.vgg import vgg16_bn
-from fsam.models.wide_resnet import wrn16_8, wrn28_10
+from fsam.models.vgg import vgg16_bn, vgg16_bn_release
+from fsam.models.wide_resnet import wrn16_8, wrn16_8_release, wrn28_10, wrn28_10_release
 from fsam.names import TIMM_PREFIX
 
 
 # Models written here for 32x32 inputs; each builder takes num_classes, init ("ours" or "release") and its own
-# keyword arguments.
+# keyword arguments. The *_release names are the F-SAM release's networks where they differ from the standard ones.
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
     "wrn28_10": wrn28_10,
     "wrn16_8": wrn16_8,
+    "wrn28_10_release": wrn28_10_release,
+    "wrn16_8_release": wrn16_8_release,
     "pyramidnet110": pyramidnet110,
     "vgg16_bn": vgg16_bn,
+    "vgg16_bn_release": vgg16_bn_release,
 }
 
 

@@ -79,3 +79,25 @@ def wrn16_8(num_classes: int, drop_rate: float = 0.0, init: str = "ours") -> Wid
     """WRN-16-8: 2 blocks per stage, 11,007,540 parameters at 100 classes."""
     return WideResNet(16, 8, num_classes, drop_rate, init)
 
+
+# The F-SAM release's Wide ResNets build, in each stage, a downsampling block (pre-activation shared with its 1x1
+# projection, as here) and then (depth - 4) / 6 more blocks: one block per stage more than the depth in their
+# names says. Block for block they are ours, so they are built here as the WRN depth they really have.
+
+
+def wrn28_10_release(num_classes: int, drop_rate: float = 0.0, init: str = "release") -> WideResNet:
+    """The F-SAM release's ``WideResNet28x10``, which is a WRN-34-10: 46,218,164 parameters at 100 classes.
+
+    5 blocks per stage where WRN-28-10 (``wrn28_10``, 36,536,884) has 4: 34 convolutions (the stem, 30 in blocks,
+    three 1x1 projections). Starts from the release's initialisation unless init="ours".
+    """
+    return WideResNet(34, 10, num_classes, drop_rate, init)
+
+
+def wrn16_8_release(num_classes: int, drop_rate: float = 0.0, init: str = "release") -> WideResNet:
+    """The F-SAM release's ``WideResNet16x8``, which is a WRN-22-8: 17,204,276 parameters at 100 classes.
+
+    3 blocks per stage where WRN-16-8 (``wrn16_8``, 11,007,540) has 2. Starts from the release's initialisation
+    unless init="ours".
+    """
+    return WideResNet(22, 8, num_classes, drop_rate, init)
