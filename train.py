@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hydra_plugins import fsam_launchers
 from fsam.config import RunConfig, load_config, run_folder
 from fsam.errors import ConfigError, FsamError, Interrupted
 
@@ -51,25 +53,31 @@ def train(cfg: DictConfig) -> None:
     # A submitit job unpickles this function in a fresh process, importing the modules it names; naming
     # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
     run_folder.register_resolver()
+    started, outcome = time.monotonic(), "failed"
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         if plain.get("run_dir") is None:
             plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
         config = load_config(plain)
         from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
+        from fsam.runfolder import RunFolder
 
+        outcome = "skipped" if RunFolder(config.run_dir).finished_summary() is not None else "finished"
         run(config)
     except Interrupted:
         raise  # a stop signal ends the whole sweep, not only this job
     except FsamError as error:
+        outcome = "failed"
         hydra_config = HydraConfig.get()
         sweep = hydra_config.mode == RunMode.MULTIRUN
-        if sweep and hydra_config.runtime.choices.get("hydra/launcher") != "basic":
+        if sweep and hydra_config.runtime.choices.get("hydra/launcher") not in ("inprocess", "basic"):
             raise  # a job in another process (submitit) must fail there, where its log is
         # A sweep in this process goes on with its other jobs, so the message names the job.
         job = hydra_config.job.override_dirname or "(no overrides)"
         report(f"job {job}: {error}" if sweep else str(error))
         FAILED_JOBS.append(job)
+    finally:
+        fsam_launchers.job_ended(outcome, time.monotonic() - started)
 
 
 # Hydra's own options that take the next argument as their value (never an override to check).

@@ -5,8 +5,8 @@ nor Hydra, so a table script or a command-line check pays for neither.
 
 **Identity.** A run's *setting* is its checked configuration without the keys that do not change what is
 computed (:data:`FREE_KEYS`: where data and runs live, logging, device and speed options, checkpoint cadence) and
-without the seed, plus the number of processes (the batch size is per process). Model keyword arguments are
-completed with the builder's defaults, so ``+model.kwargs.depth=110`` and nothing name the same network. The
+without the seed, plus the number of processes (the batch size is per process). Model keyword arguments equal to the
+builder's defaults are left out, so ``+model.kwargs.depth=110`` and nothing name the same network. The
 setting's digest names the folder, groups seeds in tables and names the wandb group::
 
     <runs>/<dataset>-<model>-<method>-<digest>/seed<seed>/
@@ -115,6 +115,15 @@ def model_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return completed
 
 
+def non_default_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The kwargs that differ from the builder's defaults (typed like them): what a setting records of the model.
+    A kwarg set to its default is the same network as one left out, and a builder that gains an option with a
+    default keeps every existing setting's digest."""
+    defaults = MODEL_DEFAULTS.get(name, {})
+    return {key: value for key, value in model_kwargs(name, kwargs).items()
+            if key not in defaults or value != defaults[key]}
+
+
 def _like(default: Any, value: Any, key: str, model: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -134,15 +143,27 @@ def _like(default: Any, value: Any, key: str, model: str) -> Any:
 
 
 def setting(config: RunConfig | Mapping[str, Any], processes: int = 1) -> dict[str, Any]:
-    """What the run computes: the checked config without :data:`FREE_KEYS` and the seed, model kwargs completed,
-    plus ``processes``. Two launches with equal settings compute the same thing (up to the seed)."""
+    """What the run computes: the checked config without :data:`FREE_KEYS` and the seed, model kwargs without the
+    builder's defaults, plus ``processes``. Two launches with equal settings compute the same thing (up to the seed)."""
     plain = to_plain(load_config(_with_run_dir(config)))
-    plain["model"]["kwargs"] = model_kwargs(plain["model"]["name"], plain["model"]["kwargs"])
+    plain["model"]["kwargs"] = non_default_kwargs(plain["model"]["name"], plain["model"]["kwargs"])
     for key in (*FREE_KEYS, SEED_KEY, *unused_keys(plain, processes)):
         _drop(plain, key)
     plain["processes"] = int(processes)
     plain["identity_version"] = IDENTITY_VERSION
-    return plain
+    return _rounded(plain)
+
+
+def _rounded(value: Any) -> Any:
+    """Numbers to 12 significant digits: a swept ``range(0.05, 0.3, 0.05)`` gives 0.15000000000000002, which is
+    the 0.15 a person types (the difference, 2e-17, changes nothing a run computes)."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
 
 
 def unused_keys(plain: Mapping[str, Any], processes: int = 1) -> list[str]:
@@ -390,6 +411,20 @@ class RunLock:
             f"process is gone for good (a lost node), delete {self.path} and relaunch"
         )
 
+    def held_by_another(self) -> bool:
+        """Whether a process holds this lock now (a run in progress); asks without taking it for long."""
+        try:
+            descriptor = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        finally:
+            os.close(descriptor)  # also drops the shared lock if it was taken
+        return False
+
     def check(self) -> None:
         """RunFolderError when the locked folder was deleted or replaced since :meth:`acquire`."""
         if self._identity is None:
@@ -454,6 +489,14 @@ class RunFolder:
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of a finished run, or None while the run is unfinished."""
         return read_json(self.summary) if self.summary.exists() else None
+
+    def state(self) -> str:
+        """``finished``, ``diverged``, ``running`` (a process holds it now) or ``unfinished`` (stopped or killed)."""
+        if self.summary.exists():
+            return "finished"
+        if self.stopped_status() is not None:
+            return "diverged"
+        return "running" if self.lock.held_by_another() else "unfinished"
 
     def stopped_status(self) -> dict[str, Any] | None:
         """The status record of a run that stopped for good (diverged), else None."""

@@ -1,57 +1,62 @@
-"""Plot learning curves (test top-1 and train loss per epoch) of run folders into one PNG.
+"""Figures from run folders: learning curves per method (mean and a band over seeds), the λ × σ heatmap of F-SAM,
+accuracy against the label-noise rate; PNG and PDF into results/figures/.
 
-    python scripts/plot.py runs/some_run runs/other_run --out results/curves.png
+    python train.py experiment=quickstart && python scripts/plot.py runs/    # the quick start's curves
+    python scripts/plot.py runs/ --metric final_top1 --out-dir results/figures
+
+Every figure that the runs allow is drawn; the others are named with the reason they were not.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import matplotlib
+from fsam.report import load_runs, summarise
+from fsam.report.figures import lambda_sigma_heatmap, learning_curves, noise_plot
+from fsam.report.tables import METRICS
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fsam.report import load_metrics  # noqa: E402
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("results/curves.png"))
+    parser.add_argument("runs", type=Path, help="folder holding run folders (searched recursively), or one run folder")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS / "figures")
+    parser.add_argument("--metric", default="best_top1", choices=sorted(METRICS), help="for the heatmap and noise plot")
+    parser.add_argument("--all-settings", action="store_true",
+                        help="curves of every setting (default: per method the setting with the most seeds)")
     args = parser.parse_args()
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    plotted = 0
-    common = Path(os.path.commonpath([str(run.resolve()) for run in args.runs]))
-    for run in args.runs:
-        metrics = load_metrics(run)
-        if metrics.empty or "epoch" not in metrics:
-            print(f"warning: {run} has no metrics.jsonl records; skipped", file=sys.stderr)
-            continue
-        label = str(run.resolve().relative_to(common)) if len(args.runs) > 1 else run.name
-        if "test_top1" in metrics:
-            acc_ax.plot(metrics["epoch"], metrics["test_top1"], label=label)
-        if "train_loss" in metrics:
-            loss_ax.plot(metrics["epoch"], metrics["train_loss"], label=label)
-        plotted += 1
-    if not plotted:
-        print("error: none of the given folders holds metrics.jsonl", file=sys.stderr)
+    if not args.runs.is_dir():
+        print(f"error: no run folder at {args.runs}: pass the folder your runs were written to (FSAM_RUNS, default "
+              "runs/)", file=sys.stderr)
         return 2
-    acc_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
-    loss_ax.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    for ax in (acc_ax, loss_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_name(f".{args.out.stem}.tmp{args.out.suffix}")
-    fig.savefig(temporary, dpi=120)
-    os.replace(temporary, args.out)  # an old figure is replaced only by a complete one
-    print(f"written: {args.out}")
-    return 0
+    runs = load_runs(args.runs)
+    if runs.empty:
+        print(f"error: no run folders (with config.yaml) under {args.runs}: train something first, e.g. "
+              "python train.py experiment=quickstart", file=sys.stderr)
+        return 2
+    summary = summarise(runs)
+    curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)
+    drawn = {
+        "learning curves": curves,
+        "λ × σ heatmap": lambda_sigma_heatmap(summary, args.out_dir, args.metric),
+        "accuracy against label noise": noise_plot(summary, args.out_dir, args.metric),
+    }
+    why_not = {
+        "learning curves": "no run has metrics yet",
+        "λ × σ heatmap": "needs finished F-SAM runs at two or more values of λ or σ",
+        "accuracy against label noise": "needs finished runs with dataset.noise.kind set",
+    }
+    for note in notes:
+        print(note)
+    for kind, paths in drawn.items():
+        if paths:
+            print(f"written ({kind}): " + ", ".join(str(path) for path in paths))
+        else:
+            print(f"not drawn ({kind}): {why_not[kind]}")
+    return 0 if any(drawn.values()) else 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from wandb_records import read_run
+
 
 def finished_runs(runs: Path) -> dict[Path, dict]:
     return {path.parent: json.loads(path.read_text()) for path in runs.rglob("summary.json")}
@@ -38,6 +40,8 @@ def test_one_epoch_of_each_method_through_the_command_line(method, train_py, tin
 def test_a_multirun_sweep_makes_one_run_folder_per_job_that_single_runs_find_again(train_py, tiny_cli, isolated_records):
     result = train_py("-m", "optimizer=sgd,fsam", *tiny_cli)
     assert result.returncode == 0, result.stderr
+    assert "sweep: 1 of 2 jobs done (1 finished)" in result.stdout and "about " in result.stdout
+    assert "sweep: 2 of 2 jobs done (2 finished)" in result.stdout
     runs = finished_runs(isolated_records)
     assert sorted(summary["method"] for summary in runs.values()) == ["fsam", "sgd"]
     sgd_folder = next(folder for folder, summary in runs.items() if summary["method"] == "sgd")
@@ -84,7 +88,7 @@ def test_missing_data_is_a_user_error(train_py, tiny_cli, tmp_path):
 
 
 def test_wandb_offline_writes_its_files_in_the_run_folder(train_py, tiny_cli, isolated_records):
-    result = train_py("logger=wandb", "logger.mode=offline", *tiny_cli)
+    result = train_py("logger=wandb", "logger.mode=offline", *tiny_cli, "trainer.log_every=1")
     assert result.returncode == 0, result.stderr
     (run_dir, _), = finished_runs(isolated_records).items()
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -92,6 +96,20 @@ def test_wandb_offline_writes_its_files_in_the_run_folder(train_py, tiny_cli, is
     wandb_id = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]
     assert (offline_runs[0] / f"run-{wandb_id}.wandb").exists()
     assert "warning" not in result.stderr
+    # what wandb sync would upload: named and grouped by the setting, per-step loss and lr, epochs under test/
+    record = read_run(offline_runs[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert record["run"].run_group == summary["setting"]
+    assert record["run"].display_name == f"{summary['setting']}-seed1"
+    steps = [row for row in record["history"] if "train/loss" in row]
+    assert [row["_step"] for row in steps] == [1, 2, 3, 4]  # log_every=1, 4 steps
+    lrs = [row["train/lr"] for row in steps]  # the rate each step trained with: cosine from 0.05, never 0
+    assert lrs[0] == 0.05 and lrs == sorted(lrs, reverse=True) and lrs[-1] > 0
+    (epoch,) = [row for row in record["history"] if "test/top1" in row]
+    assert epoch["test/top1"] == metrics_of(run_dir)[0]["test_top1"] and epoch["_step"] == 4
+    assert record["summary"]["model"]["parameters"] == summary["model"]["parameters"]  # nested values kept
+    assert record["config"]["identity"]["setting"] == summary["setting"]
+    assert "epoch 1/1" in (offline_runs[0] / "files" / "output.log").read_text()  # the console, uploaded
 
 
 def test_relaunching_a_finished_run_skips_it(train_py, tiny_cli, isolated_records):
@@ -140,6 +158,9 @@ def test_two_processes_under_torchrun_train_one_run_with_one_set_of_records(tiny
 def test_a_sweep_through_submitits_local_launcher_writes_the_folders_single_runs_find(train_py, tiny_cli, isolated_records):
     result = train_py("-m", "hydra/launcher=local", "optimizer=sgd,fsam", *tiny_cli, timeout=600)
     assert result.returncode == 0, result.stderr
+    logs = [line.rsplit(": log ", 1)[1] for line in result.stdout.splitlines() if ": log " in line]
+    assert len(logs) == 2 and all("epoch 1/1" in Path(log).read_text() for log in logs)  # where each job's log is
+    assert "jobs done" in result.stdout and "sweep: 2 of 2 jobs done (2 finished)" in result.stdout
     runs = finished_runs(isolated_records)
     assert sorted(summary["method"] for summary in runs.values()) == ["fsam", "sgd"]
     fsam_folder = next(folder for folder, summary in runs.items() if summary["method"] == "fsam")

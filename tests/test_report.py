@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from fsam.config import load_config, to_plain
 from fsam.engine import run
-from fsam.report import load_metrics, load_runs, paper_table, reference_table, summarise
+from fsam.report import load_metrics, load_runs, paper_layout, reference_table, settings_table, summarise
+from fsam.runfolder import RunFolder, RunLock, identity_record
+from wandb_records import read_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,21 +69,21 @@ def test_runs_are_read_with_their_settings_and_status(runs_root):
     assert 1_000 < finished["model_parameters"].iloc[0] < 100_000
 
 
-def test_seeds_are_aggregated_into_mean_std_and_count(runs_root):
-    table = summarise(load_runs(runs_root), "best_top1")
+def test_seeds_of_a_trained_setting_are_aggregated_into_mean_std_and_count(runs_root):
+    table = summarise(load_runs(runs_root))
     # one row per setting: the two SGD learning rates are never averaged as if they were seeds
-    assert sorted(zip(table["optimizer"], table["lr"])) == [("fsam", 0.05), ("sgd", 0.05), ("sgd", 0.1)]
+    assert sorted(zip(table["optimizer"], table["lr"], table["n"])) == [
+        ("fsam", 0.05, 2), ("sam", 0.05, 0), ("sgd", 0.05, 2), ("sgd", 0.1, 1)
+    ]
     for setting, values in summaries(runs_root).items():
         row = table[table["setting"] == setting].iloc[0]
         mean = sum(values) / len(values)
-        assert row["seeds"] == len(values) and row["mean"] == pytest.approx(mean)
+        assert row["n"] == len(values) and row["best_top1_mean"] == pytest.approx(mean)
         if len(values) == 2:
-            assert row["std"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 1) ** 0.5)
+            assert row["best_top1_std"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 1) ** 0.5)
         else:
-            assert math.isnan(row["std"])  # one seed has no spread
-    wide = paper_table(table)
-    assert list(wide.columns) == ["sgd", "fsam"]  # the paper's method order
-    assert wide.loc[("cifar10", "pyramidnet8"), "fsam"].endswith("(2)")
+            assert math.isnan(row["best_top1_std"])  # one seed has no spread
+    assert table[table["optimizer"] == "sam"].iloc[0]["unfinished"] == 1  # counted beside its setting
 
 
 def test_a_metrics_line_cut_by_a_kill_is_skipped(runs_root):
@@ -92,29 +98,218 @@ def test_the_reference_table_keeps_sources_and_marks_unavailable_cells():
     assert len(unavailable) == 18 and (unavailable["note"].str.contains("never filled by hand")).all()
 
 
-def test_make_tables_writes_the_table_and_refuses_a_missing_folder(runs_root, tmp_path):
-    out = tmp_path / "table.md"
+def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root, tmp_path):
+    out = tmp_path / "tables"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(runs_root), "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(runs_root), "--out-dir", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    text = out.read_text()
-    assert "## Paper layout" in text and "'finished': 5" in text and "'unfinished': 1" in text
+    expected = {"tables.md", "settings.md", "settings.csv", "settings.tex"} | {
+        f"paper_{metric}.{suffix}" for metric in ("best_top1", "final_top1") for suffix in ("md", "csv", "tex")
+    }
+    assert {path.name for path in out.iterdir()} == expected
+    text = (out / "tables.md").read_text()
+    assert "## Paper layout" in text and "5 finished" in text and "1 unfinished" in text
+    assert "('cifar10'" not in text  # row labels are columns, not tuples
     missing = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(tmp_path / "nowhere"), "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(tmp_path / "nowhere"), "--out-dir", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: no run folder")
-    assert out.read_text() == text  # the good table is untouched
+    assert (out / "tables.md").read_text() == text  # the good table is untouched
 
 
-def test_plot_writes_a_png_of_the_curves(runs_root, tmp_path):
-    out = tmp_path / "curves.png"
+# ------------------------------------------------------------------ generated run folders, expected by hand
+
+
+def write_run(root: Path, name: str, *, method: str = "sgd", lr: float = 0.1, seed: int = 1,
+              top1: list[float] | None = None, state: str = "finished", model: str = "resnet18",
+              noise: float = 0.0, lmbda: float = 0.6, sigma: float = 1.0) -> Path:
+    """A run folder in the engine's format, written without training: ``top1`` is the test top-1 of each epoch.
+    ``state``: finished (summary.json), diverged (status.json), unfinished (neither)."""
+    top1 = top1 or [50.0, 60.0]
+    config = load_config({
+        "run_dir": str(root / name),
+        "model": {"name": model},
+        "dataset": {"name": "cifar10", "noise": {"kind": "symmetric" if noise else "none", "ratio": noise}},
+        "optimizer": {"name": method, "lr": lr, "lmbda": lmbda, "sigma": sigma},
+        "trainer": {"epochs": len(top1), "seed": seed},
+    })
+    folder = RunFolder(config.run_dir)
+    folder.path.mkdir(parents=True)
+    identity = identity_record(config, 1, {"name": model, "kwargs": {}, "parameters": 11_173_962, "label": model})
+    folder.write_config(identity, to_plain(config))
+    rows = [{"epoch": epoch, "step": 10 * epoch, "test_top1": value, "train_loss": 2.0 / epoch}
+            for epoch, value in enumerate(top1, start=1)]
+    folder.rewrite_metrics(rows)
+    if state == "finished":
+        best = max(top1)
+        folder.write_summary({"status": "finished", "best_top1": best, "best_epoch": top1.index(best) + 1,
+                              "final_top1": top1[-1], "seed": seed, "method": method, "setting": identity["setting"],
+                              "model": identity["model"]}, epochs=len(top1))
+    elif state == "diverged":
+        folder.write_status({"status": "diverged", "message": "training diverged: test"})
+    return folder.path
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """SGD at two learning rates (one with two seeds), F-SAM with two seeds and a diverged third, SAM unfinished
+    and running. Best / final top-1 per run are chosen so the expected cells can be written by hand."""
+    root = tmp_path / "runs"
+    write_run(root, "sgd-a/seed1", seed=1, top1=[88.0, 90.0])
+    write_run(root, "sgd-a/seed2", seed=2, top1=[92.0, 91.0])
+    write_run(root, "sgd-b/seed1", lr=0.05, top1=[70.0, 96.0])  # the best SGD number, from one seed
+    write_run(root, "fsam/seed1", method="fsam", seed=1, top1=[93.0, 92.0])
+    write_run(root, "fsam/seed2", method="fsam", seed=2, top1=[95.0, 94.0])
+    write_run(root, "fsam/seed3", method="fsam", seed=3, state="diverged")
+    write_run(root, "sam/seed1", method="sam", seed=1, state="unfinished")
+    running = write_run(root, "sam/seed2", method="sam", seed=2, state="unfinished")
+    lock = RunLock(running)
+    lock.acquire()  # a process trains it now
+    yield root
+    lock.release()
+
+
+def test_the_per_setting_table_is_the_one_written_by_hand(generated):
+    table = settings_table(summarise(load_runs(generated), seeds_expected=2))
+    best, final = "best-epoch test top-1 (%)", "final-epoch test top-1 (%)"
+    assert len(table) == 4  # two learning rates are two rows, never averaged
+    by_setting = {(row["optimizer"], row["lr"]): row for _, row in table.iterrows()}
+    assert by_setting[("sgd", 0.1)][best] == "91.00 ± 1.41 (n=2)"
+    assert by_setting[("sgd", 0.1)][final] == "90.50 ± 0.71 (n=2)"
+    assert by_setting[("sgd", 0.05)][best] == "96.00 (n=1) †"  # one seed: no ±; fewer than asked: flagged
+    assert by_setting[("fsam", 0.1)][best] == "94.00 ± 1.41 (n=2; 1 diverged)"  # counted, not averaged
+    assert by_setting[("sam", 0.1)][best] == "— (n=0; 1 unfinished; 1 running) †"
+    # only the hyperparameters a method reads: SGD has no rho, sigma or lambda; SAM no sigma or lambda
+    assert pd.isna(by_setting[("sgd", 0.1)]["rho"]) and pd.isna(by_setting[("sam", 0.1)]["lmbda"])
+    assert by_setting[("fsam", 0.1)]["lmbda"] == 0.6 and by_setting[("sam", 0.1)]["rho"] == 0.2
+
+
+def test_the_paper_layout_shows_every_setting_or_says_which_it_chose(generated):
+    known = pd.DataFrame([{"source": "test-source", "dataset": "cifar10", "model": "resnet18", "optimizer": "sgd",
+                           "rho": None, "lambda": None, "sigma": None, "epochs": 2, "batch": 128,
+                           "metric": "top1_best", "value": 90.5, "seeds": 1, "note": ""}])
+    layout = paper_layout(summarise(load_runs(generated)), "best_top1", known)
+    row = layout.table.loc[("CIFAR-10", "resnet18")]
+    assert list(layout.table.columns) == ["SGD", "SGD published", "SAM", "SAM published", "F-SAM", "F-SAM published"]
+    assert row["SGD"] == "91.00 ± 1.41 (n=2)"  # the setting with more seeds, not the one that scored best
+    assert row["SGD published"] == "90.50 [test-source], Δ +0.50"
+    assert row["F-SAM published"] == "not published"
+    (note,) = layout.notes
+    assert note.startswith("CIFAR-10 / resnet18 / SGD: 2 settings; shown ") and "also run: cifar10-resnet18-sgd-" in note
+
+
+def test_a_published_number_applies_only_to_the_setting_it_was_measured_with(generated):
+    known = pd.DataFrame([{"source": "s", "dataset": "cifar10", "model": "resnet18", "optimizer": "sgd",
+                           "rho": None, "lambda": None, "sigma": None, "epochs": 200, "batch": 128,
+                           "metric": "top1_best", "value": 90.5, "seeds": 1, "note": ""}])
+    layout = paper_layout(summarise(load_runs(generated)), "best_top1", known)
+    assert layout.table.loc[("CIFAR-10", "resnet18"), "SGD published"] == "not published"  # 2 epochs, not 200
+
+
+def latex_rows(tex: str) -> list[str]:
+    body = tex.split("\\midrule\n", 1)[1].split("\\bottomrule", 1)[0]
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def test_the_latex_tables_are_booktabs_and_well_formed(generated, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "plot.py"), str(runs_root / "sgd" / "seed1"),
-         str(runs_root / "fsam" / "seed1"), "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(generated), "--out-dir", str(tmp_path / "t")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    for path in (tmp_path / "t").glob("*.tex"):
+        tex = path.read_text()
+        for command in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\end{tabular}"):
+            assert tex.count(command) == 1, (path.name, command)
+        columns = len(tex.split("\\begin{tabular}{", 1)[1].split("}", 1)[0])
+        for line in latex_rows(tex):
+            assert line.endswith("\\\\") and line.replace("\\&", "").count("&") == columns - 1, line
+        text = tex.replace("\\%", "").replace("\\_", "").replace("\\&", "").replace("\\#", "")
+        assert "%" not in text and "_" not in text.replace("\\label{tab:paper-best_top1}", "").replace(
+            "\\label{tab:paper-final_top1}", "") and "±" not in tex
+        assert tex.count("{") == tex.count("}")
+        if shutil.which("pdflatex"):
+            document = tmp_path / f"{path.stem}_doc.tex"
+            document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + tex
+                                + "\\end{document}\n")
+            compiled = subprocess.run(["pdflatex", "-interaction=nonstopmode", document.name], cwd=tmp_path,
+                                      capture_output=True, text=True, timeout=120)
+            assert compiled.returncode == 0, compiled.stdout[-2000:]
+
+
+def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path):
+    out = tmp_path / "t"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(generated), "--out-dir", str(out),
+         "--wandb", "--wandb-mode", "offline"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr
+    (run_folder,) = (out / "wandb").glob("offline-run-*")
+    record = read_run(run_folder)
+    assert record["run"].job_type == "report"
+    logged = record["history"][0]
+    for key in ("tables/settings", "tables/paper_best_top1", "tables/paper_final_top1", "charts/settings_table",
+                "charts/paper_best_top1_table", "charts/paper_final_top1_table"):
+        assert logged[f"{key}/_type"] == "table-file", key
+    table = json.loads((run_folder / "files" / logged["tables/settings/path"]).read_text())
+    column = table["columns"].index("best-epoch test top-1 (%)")
+    assert sorted(row[column] for row in table["data"]) == [
+        "91.00 ± 1.41 (n=2)", "94.00 ± 1.41 (n=2; 1 diverged)", "96.00 (n=1)", "— (n=0; 1 unfinished; 1 running)"
+    ]
+    chart = json.loads((run_folder / "files" / logged["charts/paper_best_top1_table/path"]).read_text())
+    assert chart["columns"] == ["cell", "mean"] and sorted(row[1] for row in chart["data"]) == [91.0, 94.0, 96.0]
+
+
+def test_backfill_sends_a_finished_run_to_wandb_as_the_run_it_was(generated):
+    folder = generated / "sgd-a" / "seed1"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "wandb_backfill.py"), str(generated), "--mode", "offline"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 of 5 finished runs sent" in result.stdout
+    (run_folder,) = (folder / "wandb").glob("offline-run-*")
+    record = read_run(run_folder)
+    setting = json.loads((folder / "summary.json").read_text())["setting"]
+    assert record["run"].display_name == f"{setting}-seed1" and record["run"].run_group == setting
+    epochs = [row for row in record["history"] if "test/top1" in row]
+    assert [row["test/top1"] for row in epochs] == [88.0, 90.0] and [row["_step"] for row in epochs] == [10, 20]
+    assert record["summary"]["best_top1"] == 90.0 and record["summary"]["model"]["parameters"] == 11_173_962
+    assert not list((generated / "sam" / "seed1").glob("wandb"))  # unfinished runs are not sent
+
+
+def test_every_figure_is_written_as_png_and_pdf(tmp_path):
+    root = tmp_path / "runs"
+    for method in ("sgd", "sam", "fsam"):
+        for seed in (1, 2):
+            write_run(root, f"{method}/seed{seed}", method=method, seed=seed, top1=[40.0 + seed, 50.0 + seed, 55.0])
+        for noise in (0.2, 0.4):
+            write_run(root, f"{method}-noise{noise}/seed1", method=method, noise=noise, top1=[30.0, 40.0 - 10 * noise])
+    for lmbda in (0.3, 0.9):
+        for sigma in (0.5, 1.5):
+            write_run(root, f"fsam-{lmbda}-{sigma}/seed1", method="fsam", lmbda=lmbda, sigma=sigma,
+                      top1=[50.0, 50.0 + 10 * lmbda + sigma])
+    out = tmp_path / "figures"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "plot.py"), str(root), "--out-dir", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stems = {"curves_CIFAR-10_resnet18", "curves_CIFAR-10-symmetric-20-noise_resnet18",
+             "curves_CIFAR-10-symmetric-40-noise_resnet18", "heatmap_lambda_sigma_CIFAR-10_resnet18",
+             "noise_cifar10_resnet18_symmetric"}
+    assert {path.name for path in out.iterdir()} == {f"{stem}.{suffix}" for stem in stems for suffix in ("png", "pdf")}
+    for stem in stems:
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "curves: left out" in result.stdout  # the λ × σ settings of F-SAM: named, not drawn over each other
+
+
+def test_plot_draws_the_quick_starts_curves_where_a_new_user_has_them(runs_root, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "plot.py"), str(runs_root / "sgd" / "seed1"),
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "curves_CIFAR-10_pyramidnet8.png").stat().st_size > 10_000
+    assert "not drawn (λ × σ heatmap)" in result.stdout

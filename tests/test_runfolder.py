@@ -177,7 +177,17 @@ def test_the_number_of_processes_is_part_of_the_setting_since_the_batch_size_is_
     assert identity({}, processes=2)[0] != identity({}, processes=1)[0]
 
 
-def test_model_kwargs_are_completed_with_the_builders_defaults():
+def test_a_builder_option_gaining_a_default_keeps_every_existing_digest(monkeypatch):
+    import fsam.runfolder as runfolder
+
+    before = identity({"model.name": "pyramidnet110", "model.kwargs": {"depth": 8}})
+    defaults = {**MODEL_DEFAULTS, "pyramidnet110": {**MODEL_DEFAULTS["pyramidnet110"], "new_option": "x"}}
+    monkeypatch.setattr(runfolder, "MODEL_DEFAULTS", defaults)
+    assert identity({"model.name": "pyramidnet110", "model.kwargs": {"depth": 8}}) == before
+    assert identity({"model.name": "pyramidnet110", "model.kwargs": {"depth": 8, "new_option": "y"}}) != before
+
+
+def test_a_model_kwarg_at_its_default_is_the_same_network():
     small = {"model.name": "pyramidnet110", "model.kwargs": {"depth": 8, "alpha": 16, "bottleneck": False}}
     assert identity({"model.name": "pyramidnet110"}) == identity(
         {"model.name": "pyramidnet110", "model.kwargs": {"depth": 110, "alpha": 270, "bottleneck": True}}
@@ -468,3 +478,10 @@ def test_the_quickstart_folder_named_in_the_readme_is_the_one_it_trains_in(monke
     assert folder == "runs/digits-pyramidnet8-fsam-d9923828717e/seed1"
     assert folder in (REPO / "README.md").read_text()
     assert folder in (REPO / "configs" / "experiment" / "quickstart.yaml").read_text()
+
+
+def test_a_float_range_sweep_value_is_the_number_a_person_types():
+    swept = 0.05 + 0.05 + 0.05  # what Hydra's range(0.05, 0.3, 0.05) yields for the third value
+    assert swept != 0.15
+    assert identity({"optimizer.rho": swept}) == identity({"optimizer.rho": 0.15})
+    assert identity({"optimizer.rho": 0.15}) != identity({"optimizer.rho": 0.1500001})

@@ -148,7 +148,10 @@ def _start(
     finished = folder.finished_summary()
     if finished is not None:
         if info.is_main:
-            print(f"skipped: {folder.path} is finished (summary.json exists); delete the folder to train it again")
+            hint = (f"; to send its records to wandb: python scripts/wandb_backfill.py {folder.path}"
+                    if config.logger.backend == "wandb" else "")
+            print(f"skipped: {folder.path} is finished (summary.json exists); delete the folder to train it "
+                  f"again{hint}")
         return finished
     stopped = folder.stopped_status()
     if stopped is not None:
@@ -226,6 +229,8 @@ class _Trainer:
         self.progress = Progress()
         self.totals = EpochTotals.zeros(self.device)
         self.resumed = self._resume()
+        # the epoch's loss sum and count at the last per-step wandb point
+        self._logged_totals = (self.totals.loss_sum.item(), self.totals.count.item())
         self.identity = identity_record(config, info.world_size, self._model_record())
         self.mirror = WandbMirror(
             config.logger, str(folder.path), self.progress.wandb_id, group=self.identity["setting"],
@@ -389,7 +394,7 @@ class _Trainer:
             f"{self.device} (amp {self.amp}){f', from {where}' if self.resumed else ''}; records in {self.folder.path}"
         )
         if self.info.is_main:
-            self.mirror.start(to_plain(config), resumed=self.resumed)
+            self.mirror.start({**to_plain(config), "identity": self.identity}, resumed=self.resumed)
         try:
             while progress.epoch < config.trainer.epochs:
                 self._train_epoch()
@@ -430,6 +435,7 @@ class _Trainer:
                 self.train_model, inputs, targets, self.loss_fn, self.optimizer, precision=self.precision,
                 micro_batches=trainer.micro_batches, sync_clean_pass=trainer.sync_clean_pass,
             )
+            step_lr = self._lr()  # the rate this step used (a Python float, no device sync)
             self.schedule.step()
             progress.batch += 1
             progress.global_step += 1
@@ -442,6 +448,7 @@ class _Trainer:
             bar.update(len(targets))
             if progress.global_step % trainer.log_every == 0:
                 bar.set_postfix(loss=f"{self._check_finite():.4f}", lr=f"{self._lr():.4g}")
+                self._log_steps(step_lr)
             every = trainer.checkpoint_every_steps
             if every and progress.global_step % every == 0 and progress.batch < self.steps_per_epoch:
                 self._check_finite()
@@ -457,6 +464,17 @@ class _Trainer:
         self._check_finite()
         totals.train_time_s += time.perf_counter() - started
         self._end_epoch()
+
+    def _log_steps(self, step_lr: float) -> None:
+        """wandb: the mean training loss of the steps since the last point, and the learning rate of the last one."""
+        if self.mirror.run is None:
+            return
+        loss_sum, count = self.totals.loss_sum.item(), self.totals.count.item()
+        before_sum, before_count = self._logged_totals
+        if count > before_count:
+            self.mirror.log({"train/loss": (loss_sum - before_sum) / (count - before_count), "train/lr": step_lr},
+                            step=self.progress.global_step)
+        self._logged_totals = (loss_sum, count)
 
     def _out_of_memory_message(self, error: Exception) -> str:
         trainer = self.config.trainer
@@ -548,7 +566,8 @@ class _Trainer:
         self._save(best=is_best)
         if self.info.is_main:
             self.folder.append_metrics(row)
-        self.mirror.log(row, step=progress.global_step)
+        self.mirror.log_epoch(row)
+        self._logged_totals = (0.0, 0)
         self.say(
             f"epoch {epoch}/{self.config.trainer.epochs}  train loss {row['train_loss']:.4f} top-1 "
             f"{row['train_top1']:.2f}%  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 "
@@ -565,6 +584,7 @@ class _Trainer:
             "status": "finished",
             "setting": self.identity["setting"],
             "setting_digest": self.identity["digest"],
+            "wandb_id": progress.wandb_id,
             "model": self.identity["model"],
             "final_top1": final["test_top1"],
             "final_top5": final["test_top5"],

@@ -1,7 +1,8 @@
 """A live view of the run in Weights & Biases; the run folder stays the record.
 
-The mirror gets the checked config, each epoch's metrics row (the same keys as ``metrics.jsonl``) and the
-summary. Logging never stops training: if wandb is missing or any call fails, one warning is printed and the
+The mirror gets the checked config (with the run's identity), the training loss and learning rate every
+``trainer.log_every`` steps (``train/loss``, ``train/lr``), each epoch's metrics row under ``train/``, ``test/`` and
+``time/`` (:data:`EPOCH_KEYS`), the whole summary (nested values kept) and the console output. Logging never stops training: if wandb is missing or any call fails, one warning is printed and the
 mirror turns itself off. ``mode: online`` and ``auto`` go online only with an API key (``WANDB_API_KEY`` or a netrc entry)
 and a reachable server; otherwise (one warning) the run is written offline under ``<run_dir>/wandb/`` and can be
 uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. A ``WANDB_MODE`` in the environment decides
@@ -10,57 +11,14 @@ uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. A ``WANDB_MODE
 
 from __future__ import annotations
 
-import netrc
-import os
-import socket
 import sys
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
 from fsam.config import LoggerConfig
+from fsam.wandbio import epoch_record, resolve_mode
 
-DEFAULT_SERVER = "https://api.wandb.ai"
-
-
-def resolve_mode(mode: str) -> tuple[str, str | None]:
-    """The mode wandb can run in now, and why it differs from the one asked for (None when it does not).
-
-    ``offline`` stays offline. ``auto`` follows a ``WANDB_MODE`` in the environment. ``online`` (and ``auto``
-    without ``WANDB_MODE``) needs an API key and a reachable server; without either the run goes offline, with
-    the reason, so a missing login or a cluster node without internet never stops training.
-    """
-    if mode == "offline":
-        return "offline", None
-    from_environment = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode == "auto" and from_environment in ("online", "offline", "disabled"):
-        return from_environment, None
-    url = os.environ.get("WANDB_BASE_URL", DEFAULT_SERVER)
-    parsed = urlparse(url)
-    host = parsed.hostname or "api.wandb.ai"
-    if not _has_api_key(host):
-        return "offline", "not logged in (no WANDB_API_KEY and no `wandb login`)"
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    if not _reachable(host, port):
-        return "offline", f"{url} is unreachable"
-    return "online", None
-
-
-def _has_api_key(host: str) -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def _reachable(host: str, port: int = 443, timeout_s: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+__all__ = ["WandbMirror", "epoch_record", "new_run_id", "resolve_mode"]
 
 
 def new_run_id() -> str:
@@ -115,12 +73,14 @@ class WandbMirror:
                 config=plain_config,
                 id=self.run_id,
                 resume="allow" if resumed else None,
-                settings=wandb.Settings(console="off", silent=True),
+                job_type="train",
+                settings=wandb.Settings(console="wrap", silent=True),
             )
         except Exception as error:  # noqa: BLE001 - logging must never stop a run
             self._give_up("start", error)
 
     def log(self, row: dict[str, Any], step: int) -> None:
+        """Log ``row`` (wandb keys) at global step ``step``."""
         if self.run is None:
             return
         try:
@@ -128,12 +88,16 @@ class WandbMirror:
         except Exception as error:  # noqa: BLE001
             self._give_up("log", error)
 
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One metrics.jsonl row, at its step."""
+        self.log(epoch_record(row), step=row["step"])
+
     def finish(self, summary: dict[str, Any] | None = None, *, failed: bool = False) -> None:
         if self.run is None:
             return
         try:
             if summary:
-                self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+                self.run.summary.update({key: value for key, value in summary.items() if value is not None})
             self.run.finish(exit_code=1 if failed else 0)
         except Exception as error:  # noqa: BLE001
             self._give_up("finish", error)

@@ -1,6 +1,6 @@
-"""Readers of run folders and the tables and plots made from them (used by ``scripts/``)."""
+"""Readers of run folders and the tables, figures and wandb uploads made from them (used by ``scripts/``)."""
 
 from fsam.report.runs import load_metrics, load_runs
-from fsam.report.tables import paper_table, reference_table, summarise
+from fsam.report.tables import paper_layout, reference_table, settings_table, summarise, to_latex
 
-__all__ = ["load_metrics", "load_runs", "paper_table", "reference_table", "summarise"]
+__all__ = ["load_metrics", "load_runs", "paper_layout", "reference_table", "settings_table", "summarise", "to_latex"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from fsam.runfolder import RunFolder, model_kwargs, model_label, read_json, read_metrics
+from fsam.runfolder import RunFolder, model_kwargs, model_label, read_metrics, unused_keys
 
 # Columns shown beside each setting; they describe it, the setting's digest decides what is grouped.
 CONFIG_COLUMNS = {
@@ -42,6 +42,12 @@ def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    from fsam.config import load_config, to_plain
+
+    return to_plain(load_config(config))
+
+
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """The per-epoch records of one run; lines that are not complete JSON (a run killed mid-write) are skipped."""
     return pd.DataFrame(read_metrics(Path(run_dir) / "metrics.jsonl"))
@@ -51,7 +57,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder found under ``root``: its setting, config columns, status and the summary's figures.
 
     ``model`` is the network as built (``pyramidnet8`` for a PyramidNet of depth 8), ``model_parameters`` its
-    parameter count where the run recorded it.
+    parameter count where the run recorded it. A hyperparameter the run's method never reads (SGD's ``rho``) is
+    empty. ``status`` is finished, diverged, running (a process holds the folder now) or unfinished.
     """
     rows = []
     for config_path in sorted(Path(root).rglob("config.yaml")):
@@ -67,12 +74,14 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             if identity else model.get("name"),
             "model_parameters": ((identity or {}).get("model") or {}).get("parameters"),
         }
-        row.update({column: _lookup(config, path) for column, path in CONFIG_COLUMNS.items()})
+        unused = set(unused_keys(_with_defaults(config))) if identity else set()
+        row.update({
+            column: None if ".".join(path) in unused else _lookup(config, path)
+            for column, path in CONFIG_COLUMNS.items()
+        })
+        row["status"] = folder.state()
         summary = folder.finished_summary()
         if summary is not None:
-            row["status"] = summary.get("status", "finished")
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
-        else:
-            row["status"] = (read_json(folder.status) or {}).get("status", "unfinished")
         rows.append(row)
     return pd.DataFrame(rows)

@@ -1,50 +1,196 @@
-"""Tables from run folders: seeds aggregated, laid out like the paper's main tables."""
+"""Tables from run folders: one row per setting (seeds aggregated), the paper's layout, the published numbers.
+
+    runs = load_runs("runs/")
+    settings = summarise(runs, seeds_expected=3)         # one row per setting, best- and final-epoch top-1
+    layout = paper_layout(settings, "best_top1", load_known("results/known-results.csv"))
+    layout.table, layout.notes                           # rows data set x model, columns methods; what was chosen
+
+Runs are grouped by their setting's digest (what they compute), never by a fixed list of keys. Only finished runs
+are averaged; unfinished, running and diverged ones are counted beside them.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-# Shown beside each setting (they describe it; the setting's digest is what groups seeds).
-DESCRIBE_COLUMNS = ["dataset", "noise", "noise_ratio", "model", "optimizer", "lr", "weight_decay", "rho", "sigma",
-                    "lmbda", "epochs", "batch_size"]
+METRICS = {"best_top1": "best-epoch test top-1 (%)", "final_top1": "final-epoch test top-1 (%)"}
+KNOWN_METRIC = {"best_top1": "top1_best", "final_top1": "top1_final"}
+STATES = ("unfinished", "running", "diverged")
+# Shown beside each setting; the hyperparameters a method never reads are empty (fsam.report.runs).
+DESCRIBE_COLUMNS = ["dataset", "noise", "noise_ratio", "model", "optimizer", "base", "lr", "weight_decay", "rho",
+                    "sigma", "lmbda", "epochs", "batch_size"]
 METHOD_ORDER = ["sgd", "sam", "fsam", "asam", "fasam"]
+METHOD_NAMES = {"sgd": "SGD", "sam": "SAM", "fsam": "F-SAM", "asam": "ASAM", "fasam": "F-ASAM"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "digits": "digits"}
 # The cells of the paper's main CIFAR table (Li et al., CVPR 2024); their values could not be obtained.
 PAPER_MODELS = ["resnet18", "wrn28_10", "pyramidnet110"]
 PAPER_DATASETS = ["cifar10", "cifar100"]
 PAPER_METHODS = ["sgd", "sam", "fsam"]
+# Columns of known-results.csv that, where filled, must match the setting for a published number to apply.
+KNOWN_MATCH = {"rho": "rho", "lambda": "lmbda", "sigma": "sigma", "epochs": "epochs", "batch": "batch_size"}
 
 
-def summarise(runs: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
-    """Mean, standard deviation and number of seeds of ``metric`` over the finished runs of each setting.
+def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataFrame:
+    """One row per setting: its describing columns; for each metric the mean, the standard deviation (only with
+    two or more seeds) and n, over its finished runs; the counts of unfinished, running and diverged runs (never
+    averaged); ``short`` when fewer finished seeds than ``seeds_expected``."""
+    columns = ["setting", *DESCRIBE_COLUMNS, "n", *STATES, "short"]
+    columns += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "std")]
+    if runs.empty or "setting" not in runs:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for setting, group in runs[runs["setting"].notna()].groupby("setting", sort=True):
+        finished = group[group["status"] == "finished"]
+        first = (finished if len(finished) else group).iloc[0]
+        row: dict[str, Any] = {"setting": setting, **{c: first.get(c) for c in DESCRIBE_COLUMNS}, "n": len(finished)}
+        row.update({state: int((group["status"] == state).sum()) for state in STATES})
+        row["short"] = seeds_expected is not None and len(finished) < seeds_expected
+        for metric in METRICS:
+            values = finished[metric].astype(float) if metric in finished else pd.Series(dtype=float)
+            row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std() if len(values) >= 2 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
 
-    One row per setting (runs differing in anything but the seed and the free keys are never averaged); the
-    describing columns are the setting's values. ``std`` is empty for a single seed.
-    """
-    finished = runs[runs.get("status", pd.Series(dtype=str)) == "finished"] if len(runs) else runs
-    columns = [c for c in DESCRIBE_COLUMNS if c in finished]
-    if finished.empty or metric not in finished:
-        return pd.DataFrame(columns=["setting", *DESCRIBE_COLUMNS, "mean", "std", "seeds"])
-    grouped = finished.groupby("setting", sort=True)
-    table = grouped[columns].first()
-    table["mean"] = grouped[metric].mean()
-    table["std"] = grouped[metric].std()  # NaN for one seed: there is no spread to show
-    table["seeds"] = grouped[metric].count()
-    return table.reset_index()
+
+def format_cell(mean: float, std: float, n: int, counts: dict[str, int] | None = None, short: bool = False) -> str:
+    """``81.32 ± 0.12 (n=3)``; no ± for one seed; ``—`` without a finished run; other runs counted after it."""
+    text = "—" if n == 0 or math.isnan(mean) else f"{mean:.2f}" + (f" ± {std:.2f}" if n >= 2 else "")
+    extra = [f"n={n}"] + [f"{count} {state}" for state, count in (counts or {}).items() if count]
+    return f"{text} ({'; '.join(extra)})" + (" †" if short else "")
 
 
-def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Rows dataset/model, columns methods, cells ``mean ± std (n)``; empty cells for settings never run."""
+def load_known(path: str | Path) -> pd.DataFrame:
+    """The published numbers we could verify (``results/known-results.csv``), with their sources."""
+    return pd.read_csv(path)
+
+
+def published_value(known: pd.DataFrame, row: pd.Series, metric: str) -> tuple[float, str] | None:
+    """The published ``metric`` for the setting ``row`` and its source, where known-results.csv has one for its
+    data set, model, method and every hyperparameter the CSV fills in."""
+    if known is None or known.empty:
+        return None
+    candidates = known[
+        (known["dataset"] == row["dataset"]) & (known["model"] == row["model"])
+        & (known["optimizer"] == row["optimizer"]) & (known["metric"] == KNOWN_METRIC[metric])
+    ]
+    for _, entry in candidates.iterrows():
+        if all(
+            pd.isna(entry[column]) or (row.get(key) is not None and not pd.isna(row.get(key))
+                                       and math.isclose(float(entry[column]), float(row[key])))
+            for column, key in KNOWN_MATCH.items()
+        ):
+            return float(entry["value"]), str(entry["source"])
+    return None
+
+
+@dataclass
+class Layout:
+    """The paper layout of one metric: ``table`` (rows data set x model, two columns per method: the result and
+    the published value with the difference) and ``notes`` (which setting a cell shows when it has several)."""
+
+    metric: str
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def row_label(row: pd.Series) -> tuple[str, str]:
+    dataset = DATASET_NAMES.get(row["dataset"], row["dataset"])
+    if row.get("noise") not in (None, "none") and not pd.isna(row.get("noise")):
+        dataset += f" ({row['noise']} {100 * float(row['noise_ratio']):g}% noise)"
+    return dataset, str(row["model"])
+
+
+def paper_layout(summary: pd.DataFrame, metric: str, known: pd.DataFrame | None = None) -> Layout:
+    """Rows data set x model, columns methods; a cell with several settings shows the one with the most finished
+    seeds (then the first by name) and says so in ``notes``, naming the others; never chosen by accuracy."""
+    layout = Layout(metric, pd.DataFrame())
     if summary.empty:
-        return pd.DataFrame()
-    cells = summary.assign(cell=[
-        f"{m:.2f} ± {s:.2f} ({int(n)})" if n > 1 else f"{m:.2f} ({int(n)})"
-        for m, s, n in zip(summary["mean"], summary["std"], summary["seeds"])
+        return layout
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    methods = [m for m in METHOD_ORDER if m in set(summary["optimizer"])]
+    methods += sorted(set(summary["optimizer"]) - set(methods))
+    for (dataset, method), group in summary.groupby([summary.apply(row_label, axis=1), "optimizer"], sort=False):
+        chosen = group.sort_values(["n", "setting"], ascending=[False, True]).iloc[0]
+        if len(group) > 1:
+            others = ", ".join(s for s in sorted(group["setting"]) if s != chosen["setting"])
+            layout.notes.append(
+                f"{dataset[0]} / {dataset[1]} / {METHOD_NAMES.get(method, method)}: {len(group)} settings; shown "
+                f"{chosen['setting']} (most finished seeds, n={chosen['n']}); also run: {others} (see the per-setting table)"
+            )
+        counts = {state: int(chosen[state]) for state in STATES}
+        name = METHOD_NAMES.get(method, method)
+        row = cells.setdefault(dataset, {})
+        row[name] = format_cell(chosen[f"{metric}_mean"], chosen[f"{metric}_std"], int(chosen["n"]), counts,
+                                bool(chosen["short"]))
+        published = published_value(known, chosen, metric)
+        if published is None:
+            row[f"{name} published"] = "not published"
+        else:
+            value, source = published
+            mean = chosen[f"{metric}_mean"]
+            difference = "" if math.isnan(mean) else f", Δ {mean - value:+.2f}"
+            row[f"{name} published"] = f"{value:.2f} [{source}]{difference}"
+    ordered = [column for method in methods for column in
+               (METHOD_NAMES.get(method, method), f"{METHOD_NAMES.get(method, method)} published")]
+    table = pd.DataFrame.from_dict(cells, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["data set", "model"])
+    layout.table = table.reindex(columns=ordered).fillna("").sort_index()
+    return layout
+
+
+def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-setting table as it is printed: describing columns, then ``mean ± std (n)`` per metric."""
+    table = summary[["setting", *DESCRIBE_COLUMNS]].copy()
+    for metric, title in METRICS.items():
+        table[title] = [
+            format_cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row["n"]),
+                        {state: int(row[state]) for state in STATES}, bool(row["short"]))
+            for _, row in summary.iterrows()
+        ]
+    if (table["noise"] == "none").all():
+        table = table.drop(columns=["noise", "noise_ratio"])
+    return table.dropna(axis="columns", how="all")
+
+
+def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table (``\\usepackage{booktabs}``) ready for a paper: index columns first, escaped text."""
+    frame = table.reset_index() if not isinstance(table.index, pd.RangeIndex) else table
+    header = " & ".join(_latex_escape(str(column)) for column in frame.columns) + r" \\"
+    body = [" & ".join(_latex_escape(_latex_cell(value)) for value in row) + r" \\" for row in frame.itertuples(index=False)]
+    return "\n".join([
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_escape(caption)}}}",
+        rf"\label{{{label}}}",
+        r"\begin{tabular}{" + "l" * len(frame.columns) + "}",
+        r"\toprule",
+        header,
+        r"\midrule",
+        *body,
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+        "",
     ])
-    wide = cells.pivot_table(index=["dataset", "model"], columns="optimizer", values="cell", aggfunc="first")
-    ordered = [m for m in METHOD_ORDER if m in wide.columns] + [m for m in wide.columns if m not in METHOD_ORDER]
-    return wide[ordered].fillna("")
+
+
+def _latex_cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _latex_escape(text: str) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "†": r"$^\dagger$"}
+    return "".join(replacements.get(character, character) for character in text)
 
 
 def reference_table(known_results_csv: str | Path) -> pd.DataFrame:

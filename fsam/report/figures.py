@@ -1,0 +1,211 @@
+"""Figures from run folders: learning curves with a band over seeds, the λ × σ heatmap, accuracy against label noise.
+
+Each function draws one kind of figure per data set and model found, saves it as PNG and PDF and returns the
+paths written. One colour per method throughout (:data:`METHOD_COLORS`), so a method looks the same in every
+figure. Curves and points are means over the finished seeds of one setting; bands and error bars are ± one
+standard deviation (drawn only with two or more seeds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fsam.report.runs import load_metrics  # noqa: E402
+from fsam.report.tables import METHOD_NAMES, METHOD_ORDER, METRICS, row_label  # noqa: E402
+
+METHOD_COLORS = {"sgd": "#7f7f7f", "sam": "#1f77b4", "fsam": "#d62728", "asam": "#2ca02c", "fasam": "#ff7f0e"}
+# What may tell two settings of one method apart in a legend, in the order it is named, and how it is written.
+VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
+                "batch_size": "batch", "base": "base"}
+LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+
+
+def _save(figure: plt.Figure, folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in (".png", ".pdf"):
+        path = folder / f"{stem}{suffix}"
+        temporary = folder / f".{stem}.tmp{suffix}"
+        figure.savefig(temporary, dpi=150, bbox_inches="tight")
+        temporary.replace(path)  # an old figure is replaced only by a complete one
+        paths.append(path)
+    plt.close(figure)
+    return paths
+
+
+def _slug(*parts: str) -> str:
+    """``("digits (symmetric 20% noise)", "pyramidnet8")`` -> ``digits-symmetric-20-noise_pyramidnet8``."""
+    words = ["-".join("".join(c if c.isalnum() else " " for c in str(part)).split()) for part in parts]
+    return "_".join(words)
+
+
+def _equal(a: object, b: object) -> bool:
+    if pd.isna(a) and pd.isna(b):
+        return True
+    return a == b
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _labels(settings: pd.DataFrame) -> dict[str, str]:
+    """A legend label per setting: the method's name, plus the values that differ between settings of it."""
+    labels = {}
+    for method, group in settings.groupby("optimizer"):
+        varying = [key for key in VARIANT_KEYS if key in group and group[key].nunique(dropna=False) > 1]
+        for _, row in group.iterrows():
+            extra = ", ".join(f"{VARIANT_KEYS[key]} {row[key]:g}" if isinstance(row[key], float)
+                              else f"{VARIANT_KEYS[key]} {row[key]}" for key in varying)
+            labels[row["setting"]] = METHOD_NAMES.get(method, method) + (f" ({extra})" if extra else "")
+    return labels
+
+
+def one_setting_per_method(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The runs of one setting per data set, model and method: the one with the most finished seeds (then the
+    first by name), as in the tables' paper layout; and a note for each setting left out."""
+    finished = runs["status"] == "finished"
+    counts = runs[finished].groupby("setting").size()
+    keep, notes = [], []
+    for _, group in runs.groupby([runs.apply(row_label, axis=1), "optimizer"]):
+        settings = sorted(set(group["setting"]), key=lambda setting: (-counts.get(setting, 0), setting))
+        keep.append(settings[0])
+        notes += [f"curves: left out {setting} (another setting of its method has more seeds; --all-settings "
+                  "draws it)" for setting in settings[1:]]
+    return runs[runs["setting"].isin(keep)], notes
+
+
+def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = False) -> tuple[list[Path], list[str]]:
+    """Per data set and model: test top-1 (%) and training loss against the epoch, one line per method (mean over
+    the finished seeds of its setting with the most seeds; unfinished runs when it has none) with a ± std band.
+    ``all_settings`` draws every setting, one line style each within a method's colour. Returns the paths
+    written and notes on what was left out."""
+    written: list[Path] = []
+    usable = runs[runs["setting"].notna()].copy()
+    if usable.empty:
+        return written, []
+    notes: list[str] = []
+    if not all_settings:
+        usable, notes = one_setting_per_method(usable)
+    usable["panel"] = usable.apply(row_label, axis=1)
+    for (dataset, model), panel in usable.groupby("panel"):
+        figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+        settings = panel.drop_duplicates("setting")
+        labels = _labels(settings)
+        ordered = sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting]))
+        styles = LINE_STYLES
+        seen_per_method: dict[str, int] = {}
+        for setting in ordered:
+            members = panel[panel["setting"] == setting.setting]
+            finished = members[members["status"] == "finished"]
+            chosen = finished if len(finished) else members
+            curves = [load_metrics(path) for path in chosen["run_dir"]]
+            curves = [curve.set_index("epoch") for curve in curves if not curve.empty and "epoch" in curve]
+            if not curves:
+                continue
+            style = styles[seen_per_method.get(setting.optimizer, 0) % len(styles)]
+            seen_per_method[setting.optimizer] = seen_per_method.get(setting.optimizer, 0) + 1
+            color = METHOD_COLORS.get(setting.optimizer, "black")
+            label = f"{labels[setting.setting]}, n={len(curves)}" + ("" if len(finished) else " (unfinished)")
+            for axis, key in ((accuracy_axis, "test_top1"), (loss_axis, "train_loss")):
+                stacked = pd.concat([curve[key] for curve in curves], axis=1)
+                mean, std = stacked.mean(axis=1), stacked.std(axis=1)
+                axis.plot(mean.index, mean.values, style, color=color, label=label, linewidth=1.8)
+                if len(curves) >= 2:
+                    axis.fill_between(mean.index, (mean - std).values, (mean + std).values, color=color, alpha=0.18,
+                                      linewidth=0)
+        accuracy_axis.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title="Test accuracy")
+        loss_axis.set(xlabel="epoch", ylabel="training loss (cross-entropy, nats)", title="Training loss")
+        for axis in (accuracy_axis, loss_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        figure.suptitle(f"{dataset}, {model}: mean over seeds, band ± 1 std")
+        figure.tight_layout()
+        written += _save(figure, folder, f"curves_{_slug(dataset, model)}")
+    return written, notes
+
+
+def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+    """Per data set and model: F-SAM's mean ``metric`` over λ (rows) × σ (columns), each cell annotated with its
+    mean and n; drawn where at least two λ or two σ values have finished runs."""
+    written: list[Path] = []
+    fsam = summary[(summary["optimizer"] == "fsam") & (summary["n"] > 0)]
+    if fsam.empty:
+        return written
+    for (dataset, model), group in fsam.groupby(fsam.apply(row_label, axis=1)):
+        if group["lmbda"].nunique() < 2 and group["sigma"].nunique() < 2:
+            continue
+        others = [key for key in ("rho", "lr", "weight_decay", "epochs") if group[key].nunique() > 1]
+        if others:
+            group = group[(group[others] == group[others].iloc[0]).all(axis=1)]  # one slice: the first's values
+        grid = group.pivot_table(index="lmbda", columns="sigma", values=f"{metric}_mean", aggfunc="first")
+        counts = group.pivot_table(index="lmbda", columns="sigma", values="n", aggfunc="first")
+        figure, axis = plt.subplots(figsize=(1.3 * len(grid.columns) + 2.5, 0.8 * len(grid.index) + 1.8))
+        axis.set_facecolor("#eeeeee")  # cells never run
+        image = axis.imshow(grid.values, cmap="viridis", aspect="auto", origin="lower")
+        low, high = np.nanmin(grid.values), np.nanmax(grid.values)
+        axis.set_xticks(range(len(grid.columns)), [f"{value:g}" for value in grid.columns])
+        axis.set_yticks(range(len(grid.index)), [f"{value:g}" for value in grid.index])
+        axis.set(xlabel="σ (share of the EMA removed)", ylabel="λ (EMA decay)")
+        for i in range(len(grid.index)):
+            for j in range(len(grid.columns)):
+                value = grid.values[i, j]
+                if np.isnan(value):
+                    axis.text(j, i, "not run", ha="center", va="center", color="#777777", fontsize=8)
+                    continue
+                bright = high > low and (value - low) / (high - low) > 0.6  # dark text on viridis' yellow end
+                axis.text(j, i, f"{value:.2f}\nn={int(counts.values[i, j])}", ha="center", va="center",
+                          color="black" if bright else "white", fontsize=8)
+        figure.colorbar(image, ax=axis, label=METRICS[metric])
+        fixed = ", ".join(f"{VARIANT_KEYS[key]} {group[key].iloc[0]:g}" for key in ("rho", "lr", "epochs") if key in group)
+        axis.set_title(f"F-SAM on {dataset}, {model}: {METRICS[metric]}\n({fixed})", fontsize=10)
+        figure.tight_layout()
+        written += _save(figure, folder, f"heatmap_lambda_sigma_{_slug(dataset, model)}")
+    return written
+
+
+def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+    """Per data set, model and noise kind: ``metric`` against the label-noise rate, one line per method (the
+    clean runs of the same data set and model are the 0 % point); error bars ± 1 std."""
+    written: list[Path] = []
+    finished = summary[summary["n"] > 0].copy()
+    noisy = finished[finished["noise"].notna() & (finished["noise"] != "none")]
+    if noisy.empty:
+        return written
+    for (dataset, model, kind), group in noisy.groupby(["dataset", "model", "noise"]):
+        clean = finished[(finished["dataset"] == dataset) & (finished["model"] == model)
+                         & (finished["noise"] == "none")].assign(noise_ratio=0.0)
+        points = pd.concat([clean, group])
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        for method, line in sorted(points.groupby("optimizer"), key=lambda item: _method_key(item[0])):
+            # one point per rate: the clean setting with the noisy runs' hyperparameters if there is one, then the
+            # one with the most seeds (never the most accurate)
+            reference = group[group["optimizer"] == method].iloc[0] if (group["optimizer"] == method).any() else None
+            keys = [key for key in VARIANT_KEYS if key in line]
+            line = line.assign(same=[
+                reference is not None and all(_equal(row[key], reference[key]) for key in keys)
+                for _, row in line.iterrows()
+            ])
+            line = line.sort_values(["noise_ratio", "same", "n", "setting"], ascending=[True, False, False, True])
+            line = line.drop_duplicates("noise_ratio")
+            axis.errorbar(100 * line["noise_ratio"].astype(float), line[f"{metric}_mean"],
+                          yerr=line[f"{metric}_std"].fillna(0.0), marker="o", capsize=3,
+                          color=METHOD_COLORS.get(method, "black"), label=METHOD_NAMES.get(method, method))
+        axis.set(xlabel=f"{kind} label noise (% of training labels)", ylabel=METRICS[metric],
+                 title=f"{dict(cifar10='CIFAR-10', cifar100='CIFAR-100').get(dataset, dataset)}, {model}: "
+                       f"accuracy against {kind} label noise\nmean over seeds, bars ± 1 std (n ≥ 2)")
+        axis.set_xticks(sorted({100 * float(ratio) for ratio in points["noise_ratio"]}))
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        written += _save(figure, folder, f"noise_{_slug(dataset, model, kind)}")
+    return written
