@@ -302,7 +302,7 @@ def test_label_noise_is_a_function_of_its_seed():
     assert not torch.equal(first, other)
 
 
-# algorithm.md: truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog
+# docs/algorithm.md: truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog
 CIFAR10_MAP = {2: 0, 4: 7, 9: 1, 3: 5, 5: 3}
 
 

@@ -1,4 +1,4 @@
-"""The SAM-family semantics of algorithm.md, pinned on problems small enough to compute by hand."""
+"""The SAM-family semantics of docs/algorithm.md, pinned on problems small enough to compute by hand."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SAM, ASAM and Friendly-SAM as wrappers around any torch optimizer.
 
-One SAM-family step, in the terms of ``algorithm.md``::
+One SAM-family step, in the terms of ``docs/algorithm.md``::
 
     loss(w).backward()          # clean pass: p.grad = g
     opt.first_step()            # d from g (F-SAM: g - sigma * EMA), w <- w + rho * d / ||d||
