@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fsam.report import load_runs
+from fsam.errors import FsamError
+from fsam.report.runs import runs_under
 from fsam.report.tables import (
     METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, row_label, settings_table, summarise, to_latex,
 )
@@ -48,14 +49,10 @@ def main() -> int:
         )
         print(f"written: {RESULTS / 'reference.md'}")
         return 0
-    if args.runs is None or not args.runs.is_dir():
-        print(f"error: no run folder at {args.runs}: pass the folder your runs were written to (FSAM_RUNS, "
-              "default runs/)", file=sys.stderr)
-        return 2
-    runs = load_runs(args.runs)
-    if runs.empty:
-        print(f"error: no run folders (with config.yaml) under {args.runs}: train something first, e.g. "
-              "python train.py experiment=quickstart", file=sys.stderr)
+    try:
+        runs = runs_under(args.runs)
+    except FsamError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     summary = summarise(runs, seeds_expected=args.seeds)
     known = load_known(args.known)

@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsam.report import load_runs, summarise
+from fsam.errors import FsamError
+from fsam.report import summarise
+from fsam.report.runs import runs_under
 from fsam.report.figures import lambda_sigma_heatmap, learning_curves, noise_plot
 from fsam.report.tables import METRICS
 
@@ -28,14 +30,10 @@ def main() -> int:
     parser.add_argument("--all-settings", action="store_true",
                         help="curves of every setting (default: per method the setting with the most seeds)")
     args = parser.parse_args()
-    if not args.runs.is_dir():
-        print(f"error: no run folder at {args.runs}: pass the folder your runs were written to (FSAM_RUNS, default "
-              "runs/)", file=sys.stderr)
-        return 2
-    runs = load_runs(args.runs)
-    if runs.empty:
-        print(f"error: no run folders (with config.yaml) under {args.runs}: train something first, e.g. "
-              "python train.py experiment=quickstart", file=sys.stderr)
+    try:
+        runs = runs_under(args.runs)
+    except FsamError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     summary = summarise(runs)
     curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,32 @@ def train_py():
         )
 
     return run
+
+
+TIME_KEYS = {"images_per_s", "epoch_time_s", "wall_time_s"}
+
+
+def metrics_of(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the timings, which differ between any two runs."""
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
+
+
+def stop_at_call(monkeypatch, call: int, exception: BaseException) -> None:
+    """Make the loop's train_step raise ``exception`` on its ``call``-th call (1-based), as a kill would."""
+    import fsam.engine.loop as loop
+
+    real = loop.train_step
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exception
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import fsam.engine.loop as loop
+from conftest import metrics_of, stop_at_call, without_times
 from fsam.config import ScheduleConfig, load_config
 from fsam.engine import CheckpointStore, RunFolder, create_schedule, evaluate, run
 from fsam.engine.evaluate import topk_correct
@@ -23,33 +24,8 @@ from fsam.engine.wandb_mirror import resolve_mode
 from fsam.errors import CheckpointError, DivergedError
 from fsam.optim import Precision, create_optimizer
 
-TIME_KEYS = {"images_per_s", "epoch_time_s", "wall_time_s"}
-
-
-def metrics_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_times(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
-
-
 def saved_weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
-def stop_at_call(monkeypatch, call: int, exception: BaseException) -> None:
-    """Make the loop's train_step raise ``exception`` on its ``call``-th call (1-based), as a kill would."""
-    real = loop.train_step
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise exception
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", interrupted)
 
 
 # ------------------------------------------------------------------------------------------------ records

@@ -9,7 +9,6 @@ way to the loss. Runs are tiny: 64 CIFAR-format images in steps of 16, CPU, floa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -18,18 +17,10 @@ import torch
 from torch.nn import functional as F
 
 import fsam.engine.loop as loop
+from conftest import metrics_of, stop_at_call, without_times
 from fsam.engine import run
 
-TIME_KEYS = {"images_per_s", "epoch_time_s", "wall_time_s"}
 STEPS_PER_EPOCH = 4  # 64 training images in batches of 16 (tiny_config)
-
-
-def metrics_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_times(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rows]
 
 
 def checkpoint(run_dir, name: str) -> dict:
@@ -52,20 +43,6 @@ def record_steps(monkeypatch) -> list[dict]:
     return steps
 
 
-def stop_at_call(monkeypatch, call: int) -> None:
-    """The loop's ``call``-th train_step (1-based) raises KeyboardInterrupt, as a kill would."""
-    real = loop.train_step
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", interrupted)
-
-
 # ------------------------------------------------------------------------------------- resume and randomness
 
 
@@ -81,7 +58,7 @@ def test_a_run_with_dropout_killed_mid_epoch_resumes_bit_for_bit(tiny_config, tm
     run(reference)
 
     interrupted = tiny_config(run_dir=str(tmp_path / "interrupted"), **changes)
-    stop_at_call(monkeypatch, 7)  # in epoch 2, after the checkpoint at step 6
+    stop_at_call(monkeypatch, 7, KeyboardInterrupt())  # in epoch 2, after the checkpoint at step 6
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
     assert checkpoint(tmp_path / "interrupted", "last.pt")["global_step"] == 6

@@ -20,7 +20,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 
 from fsam.config import RunConfig, load_config
 from fsam.engine import run

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from fsam.errors import FsamError
 from fsam.runfolder import RunFolder, model_kwargs, model_label, read_metrics, unused_keys
 
 # Columns shown beside each setting; they describe it, the setting's digest decides what is grouped.
@@ -85,3 +86,14 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def runs_under(root: str | Path | None) -> pd.DataFrame:
+    """:func:`load_runs` of ``root``, or FsamError saying what is missing and what to do (for the scripts)."""
+    if root is None or not Path(root).is_dir():
+        raise FsamError(f"no run folder at {root}: pass the folder your runs were written to (FSAM_RUNS, default runs/)")
+    runs = load_runs(root)
+    if runs.empty:
+        raise FsamError(f"no run folders (with config.yaml) under {root}: train something first, e.g. "
+                        "python train.py experiment=quickstart")
+    return runs
