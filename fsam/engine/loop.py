@@ -13,9 +13,9 @@ one DDP group) holds a run folder at a time (:class:`fsam.runfolder.RunLock`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import socket
-import os
 import sys
 import time
 from dataclasses import dataclass, field

@@ -155,7 +155,8 @@ def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
         ]
     if (table["noise"] == "none").all():
         table = table.drop(columns=["noise", "noise_ratio"])
-    return table.dropna(axis="columns", how="all")
+    table = table.dropna(axis="columns", how="all")
+    return table.astype(object).where(table.notna(), "")  # a key the method does not read is blank, not "nan"
 
 
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
