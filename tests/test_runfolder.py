@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -484,3 +485,9 @@ def test_a_float_range_sweep_value_is_the_number_a_person_types():
     assert swept != 0.15
     assert identity({"optimizer.rho": swept}) == identity({"optimizer.rho": 0.15})
     assert identity({"optimizer.rho": 0.15}) != identity({"optimizer.rho": 0.1500001})
+
+
+def test_the_readme_lists_exactly_the_free_keys():
+    section = (REPO / "README.md").read_text().split("## Run folders", 1)[1].split("\n## ", 1)[0]
+    listed = section.split("the one list):", 1)[1].split("Everything else", 1)[0]
+    assert {name.removesuffix(".*") for name in re.findall(r"`([^`]+)`", listed)} == set(FREE_KEYS)
