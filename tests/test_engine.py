@@ -328,3 +328,15 @@ def test_a_failing_wandb_prints_one_warning_and_the_run_finishes(tiny_config, mo
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: wandb")]
     assert len(warnings) == 1 and "no service" in warnings[0]
     assert (Path(config["run_dir"]) / "summary.json").exists()
+
+
+def test_label_noise_is_one_data_set_for_every_seed_or_drawn_from_each_seed(tiny_config, tmp_path):
+    def noise_record(name: str, seed: int, noise_seed: int | None) -> dict:
+        config = tiny_config(run_dir=str(tmp_path / name), trainer={"epochs": 1, "seed": seed},
+                             dataset={"noise": {"kind": "symmetric", "ratio": 0.5, "seed": noise_seed}})
+        return run(config)["data"]["label_noise"]
+
+    fixed = [noise_record(f"fixed{seed}", seed, 0) for seed in (1, 2)]
+    assert [record["seed"] for record in fixed] == [0, 0]
+    drawn = [noise_record(f"drawn{seed}", seed, None) for seed in (1, 2)]
+    assert [record["seed"] for record in drawn] == [1, 2]  # the release's way: each seed its own noisy labels

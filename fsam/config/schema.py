@@ -77,11 +77,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Label noise on the training split: ``ratio`` of the labels replaced (see :mod:`fsam.data.noise`)."""
+    """Label noise on the training split: ``ratio`` of the labels replaced (see :mod:`fsam.data.noise`).
+
+    ``seed`` draws which labels change and to what: a number gives every training seed the same noisy data set
+    (the default, 0); null draws them from ``trainer.seed``, so each seed has its own (the authors' release)."""
 
     kind: str = setting("none", one_of(*NOISE_KINDS))
     ratio: float = setting(0.0, within(0.0, 1.0))
-    seed: int = setting(0, at_least(0))
+    seed: Optional[int] = setting(0, at_least(0))
 
 
 @dataclass(frozen=True)

@@ -253,10 +253,13 @@ class _Trainer:
 
     def _build_data(self) -> Any:
         dataset, trainer = self.config.dataset, self.config.trainer
+        noise = to_plain(dataset.noise)
+        if noise["seed"] is None:  # the release's way: each training seed draws its own noisy labels
+            noise["seed"] = trainer.seed
         return build_data(
             dataset.name, dataset.root, batch_size=trainer.batch_size, eval_batch_size=trainer.eval_batch_size,
             device=self.device, seed=trainer.seed, download=dataset.download, url=dataset.url, md5=dataset.md5,
-            augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**to_plain(dataset.noise)),
+            augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**noise),
             image_size=dataset.image_size, num_workers=dataset.num_workers, rank=self.info.rank,
             world_size=self.info.world_size, channels_last=trainer.channels_last, train_subset=dataset.train_subset,
         )
