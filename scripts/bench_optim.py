@@ -1,8 +1,9 @@
 """Benchmark the optimizer's own work: first_step + second_step, without forward or backward passes.
 
-Compares fsam.optim against a per-parameter-loop implementation written below the way public SAM and F-SAM
-code does it (a Python loop over parameters, fresh temporaries each step, a for-loop base SGD), on the
-parameter set of the CIFAR ResNet-18, in the same process. Prints:
+Compares fsam.optim against a per-parameter-loop implementation written the way public SAM and F-SAM
+code does it (a Python loop over parameters, fresh temporaries each step, a for-loop base SGD; in
+``_baselines.py``, shared with ``bench_train.py``), on the parameter set of the CIFAR ResNet-18, in the same
+process. Prints:
 
 * the time ratio baseline / ours (target: >= 1.5 on CPU, 2 stretch),
 * dispatched aten ops per step, base optimizer included (proxy for GPU kernel launches; target <= 40 and
@@ -25,53 +26,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _baselines import LoopFSAM  # scripts/ is on sys.path when a script here runs
 from fsam.models import create_model
 from fsam.optim import FSAM, SAM
 from fsam.optim.factory import _fused_or_foreach
-
-
-class LoopFSAM(torch.optim.Optimizer):
-    """The baseline: per-parameter loops as in existing SAM/F-SAM code (sigma=0 gives plain SAM)."""
-
-    def __init__(self, params, rho, sigma, lmbda, fsam, **base_kwargs):
-        super().__init__(params, dict(rho=rho, sigma=sigma, lmbda=lmbda))
-        self.fsam = fsam
-        self.base_optimizer = torch.optim.SGD(self.param_groups, foreach=False, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-
-    @torch.no_grad()
-    def first_step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or not self.fsam:
-                    continue
-                grad = p.grad.clone()
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = grad
-                else:
-                    p.grad -= state["momentum"] * group["sigma"]
-                    state["momentum"] = state["momentum"] * group["lmbda"] + grad * (1 - group["lmbda"])
-        grad_norm = torch.norm(
-            torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"] if p.grad is not None]), p=2
-        )
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = p.grad * scale.to(p)
-                p.add_(e_w)
-
-    @torch.no_grad()
-    def second_step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
 
 
 class CountOps(TorchDispatchMode):
