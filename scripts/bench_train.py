@@ -275,7 +275,7 @@ def report(args, device: torch.device, steps: dict, flops: tuple[float, float], 
     }
     lines += ["", "| ratio | value | against the target |", "|---|---|---|"]
     suffix = "" if device.type == "cpu" else " (the targets are the CPU ones)"
-    lines += [f"| {name} | {value:.2f} | {verdict(name, value)}{suffix} |" for name, value in ratios.items()]
+    lines += [f"| {name} | {value:.3f} | {verdict(name, value)}{suffix} |" for name, value in ratios.items()]
     return lines
 
 
