@@ -71,6 +71,11 @@ FREE_KEYS = (
     "trainer.checkpoint_every_steps",  # checkpoint cadence
 )
 SEED_KEY = "trainer.seed"  # not in the setting (seeds of one setting are averaged), but a run is one seed
+# Keys added to the config after this identity version, and the value that computes what runs did before they
+# existed: at that value they are left out of the setting, so adding an option never renames existing runs.
+ADDED_KEYS = {
+    "model.pretrained": False,
+}
 
 # The optimizer keys each method reads; the others are left out of its setting (SGD with another rho is the same run).
 METHOD_KEYS = {
@@ -147,7 +152,8 @@ def setting(config: RunConfig | Mapping[str, Any], processes: int = 1) -> dict[s
     builder's defaults, plus ``processes``. Two launches with equal settings compute the same thing (up to the seed)."""
     plain = to_plain(load_config(_with_run_dir(config)))
     plain["model"]["kwargs"] = non_default_kwargs(plain["model"]["name"], plain["model"]["kwargs"])
-    for key in (*FREE_KEYS, SEED_KEY, *unused_keys(plain, processes)):
+    added_at_old_value = [key for key, old in ADDED_KEYS.items() if _lookup(plain, key) == old]
+    for key in (*FREE_KEYS, SEED_KEY, *unused_keys(plain, processes), *added_at_old_value):
         _drop(plain, key)
     plain["processes"] = int(processes)
     plain["identity_version"] = IDENTITY_VERSION
@@ -194,6 +200,14 @@ def _with_run_dir(config: RunConfig | Mapping[str, Any]) -> RunConfig | Mapping[
     if isinstance(config, RunConfig) or config.get("run_dir"):
         return config
     return {**config, "run_dir": "(not yet known)"}
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def _drop(tree: dict[str, Any], dotted: str) -> None:

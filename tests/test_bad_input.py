@@ -244,6 +244,11 @@ CASES = {
         "is a file, not a folder",
     ),
     "pretrained_path is not a weights file": Case(text_file_as_weights, "cannot be loaded as weights"),
+    "pretrained weights offline": Case(
+        lambda tmp_path, tiny_cli: [*[a for a in tiny_cli if "model" not in a.split("=")[0]], "model=timm",
+                                    "model.name=timm:resnet18", "model.pretrained=true"],
+        "cannot get timm's pretrained weights for resnet18", env={"HF_HUB_OFFLINE": "1", "HF_HOME": "{tmp}/hf"},
+    ),
     "timm kwarg torch rejects": Case(
         args("model=timm", "model.name=timm:resnet18", "+model.kwargs.drop_rate=1.5"),
         "model.kwargs.drop_rate=1.5 is not a probability",

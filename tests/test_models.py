@@ -580,8 +580,8 @@ def test_config_group_has_one_file_per_model_with_exactly_the_engine_keys():
     configs = {path.stem: yaml.safe_load(path.read_text()) for path in CONFIG_DIR.glob("*.yaml")}
     assert set(configs) == {*available_models(), "timm"}
     for option, config in configs.items():
-        assert set(config) == {"name", "pretrained_path", "kwargs"}, option
-        assert config["pretrained_path"] is None and config["kwargs"] == {}, option
+        assert set(config) == {"name", "pretrained", "pretrained_path", "kwargs"}, option
+        assert config["pretrained"] is False and config["pretrained_path"] is None and config["kwargs"] == {}, option
         assert config["name"] == (option if option != "timm" else "timm:resnet18"), option
 
 

@@ -39,6 +39,7 @@ OTHER_VALUE = {
     "run_dir": "elsewhere",
     "experiment_name": "another",
     "model.name": "resnet34",
+    "model.pretrained": True,
     "model.pretrained_path": "/weights/resnet.pth",
     "model.kwargs": {"zero_init_residual": True},
     "dataset.name": "cifar10",
@@ -491,3 +492,11 @@ def test_the_readme_lists_exactly_the_free_keys():
     section = (REPO / "README.md").read_text().split("## Run folders", 1)[1].split("\n## ", 1)[0]
     listed = section.split("the one list):", 1)[1].split("Everything else", 1)[0]
     assert {name.removesuffix(".*") for name in re.findall(r"`([^`]+)`", listed)} == set(FREE_KEYS)
+
+
+def test_an_option_added_after_the_identity_version_renames_no_existing_run():
+    from fsam.runfolder import ADDED_KEYS
+
+    for key, old in ADDED_KEYS.items():
+        assert identity({key: old}) == identity({}), key  # the value every earlier run computed with
+        assert key in OTHER_VALUE and OTHER_VALUE[key] != old

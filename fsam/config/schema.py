@@ -68,9 +68,12 @@ def setting(default: Any = None, rule: Rule | None = None, *, factory: Callable[
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name``: see :func:`fsam.models.available_models` or ``timm:<name>``; ``kwargs`` go to the builder."""
+    """``name``: see :func:`fsam.models.available_models` or ``timm:<name>``; ``kwargs`` go to the builder.
+    ``pretrained``: timm models only, timm's own weights (downloaded once into timm's cache); ``pretrained_path``:
+    a local weights file for any model."""
 
     name: str = "resnet18"
+    pretrained: bool = False
     pretrained_path: Optional[str] = None
     kwargs: dict[str, Any] = setting(factory=dict)
 

@@ -275,7 +275,7 @@ class _Trainer:
             )
         model = create_model(
             spec.name, self.data.num_classes, image_size=self.data.image_size,
-            pretrained_path=spec.pretrained_path, **kwargs,
+            pretrained_path=spec.pretrained_path, pretrained=spec.pretrained, **kwargs,
         ).to(self.device)
         if self.config.trainer.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -62,6 +62,7 @@ def create_model(
     *,
     image_size: int = 32,
     pretrained_path: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a classifier for images [B, 3, image_size, image_size] -> logits [B, num_classes].
@@ -72,8 +73,10 @@ def create_model(
         image_size: input height and width in pixels. The ViT aliases build their position embedding for it;
             the CIFAR models and timm CNNs pool globally and accept any size. For a "timm:" vision transformer,
             pass ``img_size`` in kwargs.
-        pretrained_path: a local weights file loaded after building (see :func:`load_pretrained`); nothing is
-            ever downloaded.
+        pretrained_path: a local weights file loaded after building (see :func:`load_pretrained`).
+        pretrained: timm models only: timm's own pretrained weights, downloaded by timm into its cache (the
+            Hugging Face cache, ``HF_HOME``) on first use and read from there afterwards; the classifier head is
+            new (``num_classes``). Offline and not cached: a ConfigError saying how to fetch them once.
         kwargs: the architecture's own options, e.g. ``init`` ("ours" or "release": the F-SAM release's
             initialisation of that family) for every model written here, ``drop_rate`` for the Wide ResNets,
             ``depth`` / ``alpha`` / ``bottleneck`` for PyramidNet, any ``timm.create_model`` argument for timm models.
@@ -87,14 +90,19 @@ def create_model(
         raise ConfigError(f"image_size={image_size!r} must be a whole number of pixels, at least 1")
     if not isinstance(name, str):
         raise ConfigError(f"model.name={name!r} is not a string: choose one of {', '.join(available_models())}")
+    if pretrained and (name in CIFAR_MODELS or pretrained_path is not None):
+        reason = ("the CIFAR models written here have no published weights" if name in CIFAR_MODELS
+                  else "model.pretrained_path already gives the weights")
+        raise ConfigError(f"model.pretrained=true is not allowed with model.name={name}: {reason}; use "
+                          "model.pretrained_path=<a local weights file>, or a timm model")
     if name in CIFAR_MODELS:
         model = _create_cifar_model(name, num_classes, kwargs)
     elif name in TIMM_ALIASES:
         alias = TIMM_ALIASES[name]
         defaults = {**alias.defaults, **({"img_size": image_size} if alias.takes_image_size else {})}
-        model = _create_timm_model(alias.timm_name, num_classes, {**defaults, **kwargs})
+        model = _create_timm_model(alias.timm_name, num_classes, {**defaults, **kwargs}, pretrained)
     elif name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
-        model = _create_timm_model(name[len(TIMM_PREFIX):], num_classes, kwargs)
+        model = _create_timm_model(name[len(TIMM_PREFIX):], num_classes, kwargs, pretrained)
     else:
         raise ConfigError(
             f"model.name={name!r} is not a model: choose one of {', '.join(available_models())}, "
@@ -120,7 +128,7 @@ def _create_cifar_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> 
         raise ConfigError(f"model.kwargs={kwargs} do not fit {name}: {_first_line(exc)}") from exc
 
 
-def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
     # Imported here: only the timm-backed names need it, and importing it takes about a second.
     import timm
 
@@ -130,7 +138,8 @@ def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any])
         )
     if "pretrained" in kwargs:
         raise ConfigError(
-            "model.kwargs.pretrained is not allowed: nothing is downloaded, give a local file as model.pretrained_path"
+            "model.kwargs.pretrained is not allowed: use model.pretrained=true (timm's weights, downloaded once) or "
+            "model.pretrained_path=<a local weights file>"
         )
     for key, value in kwargs.items():
         # timm names its dropout-like probabilities *_rate (drop_rate, drop_path_rate, attn_drop_rate,
@@ -138,11 +147,25 @@ def _create_timm_model(timm_name: str, num_classes: int, kwargs: dict[str, Any])
         if key.endswith("_rate") and value is not None and not _is_probability(value):
             raise ConfigError(f"model.kwargs.{key}={value!r} is not a probability: use a number in [0, 1]")
     try:
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except OSError as exc:  # only a download or a cache read does I/O here: huggingface_hub's errors included
+        if pretrained:
+            raise _fetch_error(timm_name, exc) from exc
+        raise
     except (TypeError, ValueError, KeyError, AssertionError) as exc:
         # The only inputs that vary are the config's kwargs, so what timm's builders raise about them is theirs
         # (TypeError: an unknown kwarg; ValueError, KeyError, AssertionError: a value they check).
         raise ConfigError(f"model.kwargs={kwargs} do not fit timm model {timm_name}: {_first_line(exc)}") from exc
+
+
+def _fetch_error(timm_name: str, error: Exception) -> ConfigError:
+    """The one-line error for pretrained weights timm could not fetch (no network, not in the cache)."""
+    return ConfigError(
+        f"cannot get timm's pretrained weights for {timm_name} ({type(error).__name__}: {_first_line(error)}): "
+        f"fetch them once where there is internet (a login node) with python -c \"import timm; "
+        f"timm.create_model('{timm_name}', pretrained=True)\" into a cache this machine reads (HF_HOME on shared "
+        "storage), or give model.pretrained_path=<a local weights file>"
+    )
 
 
 def check_forward(model: nn.Module, image_size: int, kwargs: Mapping[str, Any] | None = None) -> None:
