@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hydra_plugins import fsam_launchers
 from fsam.config import RunConfig, load_config, run_folder
 from fsam.errors import ConfigError, FsamError, Interrupted
+from fsam.runfolder import RunFolder, runs_root
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "dataset", "optimizer", "schedule", "logger", "experiment")
@@ -60,7 +61,6 @@ def train(cfg: DictConfig) -> None:
             plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
         config = load_config(plain)
         from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
-        from fsam.runfolder import RunFolder
 
         outcome = "skipped" if RunFolder(config.run_dir).finished_summary() is not None else "finished"
         run(config)
@@ -162,7 +162,7 @@ def check_launcher(arguments: list[str]) -> None:
 
 def check_output_root() -> None:
     """Refuse, before Hydra or the engine writes anything, a runs folder that cannot be created or written."""
-    root = Path(os.environ.get("FSAM_RUNS", "runs"))
+    root = runs_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):

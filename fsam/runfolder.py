@@ -152,7 +152,7 @@ def setting(config: RunConfig | Mapping[str, Any], processes: int = 1) -> dict[s
     builder's defaults, plus ``processes``. Two launches with equal settings compute the same thing (up to the seed)."""
     plain = to_plain(load_config(_with_run_dir(config)))
     plain["model"]["kwargs"] = non_default_kwargs(plain["model"]["name"], plain["model"]["kwargs"])
-    added_at_old_value = [key for key, old in ADDED_KEYS.items() if _lookup(plain, key) == old]
+    added_at_old_value = [key for key, old in ADDED_KEYS.items() if lookup(plain, key) == old]
     for key in (*FREE_KEYS, SEED_KEY, *unused_keys(plain, processes), *added_at_old_value):
         _drop(plain, key)
     plain["processes"] = int(processes)
@@ -202,7 +202,8 @@ def _with_run_dir(config: RunConfig | Mapping[str, Any]) -> RunConfig | Mapping[
     return {**config, "run_dir": "(not yet known)"}
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+def lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    """The value at ``a.b.c`` in nested mappings, or None where a level is missing."""
     for part in dotted.split("."):
         if not isinstance(tree, Mapping) or part not in tree:
             return None

@@ -15,32 +15,24 @@ from typing import Any
 import pandas as pd
 
 from fsam.errors import FsamError
-from fsam.runfolder import RunFolder, model_kwargs, model_label, read_metrics, unused_keys
+from fsam.runfolder import RunFolder, lookup, model_kwargs, model_label, read_metrics, unused_keys
 
 # Columns shown beside each setting; they describe it, the setting's digest decides what is grouped.
 CONFIG_COLUMNS = {
-    "dataset": ("dataset", "name"),
-    "noise": ("dataset", "noise", "kind"),
-    "noise_ratio": ("dataset", "noise", "ratio"),
-    "optimizer": ("optimizer", "name"),
-    "base": ("optimizer", "base"),
-    "lr": ("optimizer", "lr"),
-    "weight_decay": ("optimizer", "weight_decay"),
-    "rho": ("optimizer", "rho"),
-    "sigma": ("optimizer", "sigma"),
-    "lmbda": ("optimizer", "lmbda"),
-    "epochs": ("trainer", "epochs"),
-    "batch_size": ("trainer", "batch_size"),
-    "seed": ("trainer", "seed"),
+    "dataset": "dataset.name",
+    "noise": "dataset.noise.kind",
+    "noise_ratio": "dataset.noise.ratio",
+    "optimizer": "optimizer.name",
+    "base": "optimizer.base",
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "rho": "optimizer.rho",
+    "sigma": "optimizer.sigma",
+    "lmbda": "optimizer.lmbda",
+    "epochs": "trainer.epochs",
+    "batch_size": "trainer.batch_size",
+    "seed": "trainer.seed",
 }
-
-
-def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +69,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         }
         unused = set(unused_keys(_with_defaults(config))) if identity else set()
         row.update({
-            column: None if ".".join(path) in unused else _lookup(config, path)
-            for column, path in CONFIG_COLUMNS.items()
+            column: None if key in unused else lookup(config, key) for column, key in CONFIG_COLUMNS.items()
         })
         row["status"] = folder.state()
         summary = folder.finished_summary()
