@@ -50,7 +50,9 @@ FAILED_JOBS: list[str] = []
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> float | None:
+    """One job; returns its best validation top-1 (the objective of ``hydra/sweeper=optuna``), or None without
+    a validation split."""
     # A submitit job unpickles this function in a fresh process, importing the modules it names; naming
     # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
     run_folder.register_resolver()
@@ -60,10 +62,11 @@ def train(cfg: DictConfig) -> None:
         if plain.get("run_dir") is None:
             plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
         config = load_config(plain)
+        check_tuning(config)
         from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
 
         outcome = "skipped" if RunFolder(config.run_dir).finished_summary() is not None else "finished"
-        run(config)
+        return run(config).get("best_val_top1")
     except Interrupted:
         raise  # a stop signal ends the whole sweep, not only this job
     except FsamError as error:
@@ -72,12 +75,25 @@ def train(cfg: DictConfig) -> None:
         sweep = hydra_config.mode == RunMode.MULTIRUN
         if sweep and hydra_config.runtime.choices.get("hydra/launcher") not in ("inprocess", "basic"):
             raise  # a job in another process (submitit) must fail there, where its log is
+        if hydra_config.runtime.choices.get("hydra/sweeper") == "optuna":
+            raise  # a search cannot go on without this trial's value
         # A sweep in this process goes on with its other jobs, so the message names the job.
         job = hydra_config.job.override_dirname or "(no overrides)"
         report(f"job {job}: {error}" if sweep else str(error))
         FAILED_JOBS.append(job)
     finally:
         fsam_launchers.job_ended(outcome, time.monotonic() - started)
+    return None
+
+
+def check_tuning(config: RunConfig) -> None:
+    """A search (Hydra's Optuna sweeper) maximises validation accuracy; without a validation split it would have
+    to look at the test split, so it is refused."""
+    if HydraConfig.get().runtime.choices.get("hydra/sweeper") == "optuna" and not config.dataset.val_split:
+        raise ConfigError(
+            "hydra/sweeper=optuna maximises validation top-1, and this run has no validation split: add "
+            "dataset.val_split=N (N training images held out), never tune on the test split"
+        )
 
 
 # Hydra's own options that take the next argument as their value (never an override to check).

@@ -75,6 +75,9 @@ SEED_KEY = "trainer.seed"  # not in the setting (seeds of one setting are averag
 # existed: at that value they are left out of the setting, so adding an option never renames existing runs.
 ADDED_KEYS = {
     "model.pretrained": False,
+    "dataset.val_split": 0,
+    "dataset.val_seed": 0,
+    "dataset.drop_last": True,
 }
 
 # The optimizer keys each method reads; the others are left out of its setting (SGD with another rho is the same run).
@@ -186,6 +189,8 @@ def unused_keys(plain: Mapping[str, Any], processes: int = 1) -> list[str]:
         unused.append("schedule.warmup_lr")
     if dataset["noise"]["kind"] == "none":
         unused += ["dataset.noise.ratio", "dataset.noise.seed"]
+    if not dataset.get("val_split"):
+        unused.append("dataset.val_seed")
     if not dataset["augment"]["crop"]:
         unused.append("dataset.augment.padding")
     if not dataset["augment"]["cutout"]:

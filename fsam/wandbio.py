@@ -21,6 +21,9 @@ EPOCH_KEYS = {
     "test_loss": "test/loss",
     "test_top1": "test/top1",
     "test_top5": "test/top5",
+    "val_loss": "val/loss",
+    "val_top1": "val/top1",
+    "val_top5": "val/top5",
     "lr": "train/lr_after_epoch",  # metrics.jsonl keeps the rate the next step will use; train/lr is per step
     "images_per_s": "time/images_per_s",
     "skipped_steps": "train/skipped_steps",

@@ -639,7 +639,8 @@ def test_a_batch_larger_than_the_training_shard_is_refused():
 
 
 CONFIG_KEYS = {
-    "name", "root", "download", "url", "md5", "image_size", "num_workers", "train_subset", "noise", "augment"
+    "name", "root", "download", "url", "md5", "image_size", "num_workers", "train_subset", "val_split", "val_seed",
+    "drop_last", "noise", "augment",
 }
 
 

@@ -105,7 +105,12 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Where the data lives and how it is read; ``train_subset`` keeps the first N training examples."""
+    """Where the data lives and how it is read; ``train_subset`` keeps the first N training examples.
+
+    ``val_split`` holds N of the (remaining) training examples out as a validation split, chosen by ``val_seed``
+    alone, reported beside the test split every epoch: tune on it, not on the test split. ``drop_last`` false
+    trains on each epoch's last partial batch too (the authors' release does).
+    """
 
     name: str = setting("cifar100", one_of(*DATASETS))
     root: str = "data"
@@ -115,6 +120,9 @@ class DatasetConfig:
     image_size: int = setting(32, at_least(1))
     num_workers: int = setting(2, at_least(0))
     train_subset: Optional[int] = setting(None, at_least(1))
+    val_split: int = setting(0, at_least(0))
+    val_seed: int = setting(0, at_least(0))
+    drop_last: bool = True
     noise: NoiseConfig = setting(factory=NoiseConfig)
     augment: AugmentConfig = setting(factory=AugmentConfig)
 

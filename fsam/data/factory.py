@@ -22,9 +22,10 @@ class DataBundle:
 
     ``train``, ``test``: loaders with ``len()`` (batches per epoch in this process) and
     ``iterate(epoch, start_batch=0)`` yielding (float32 [B, 3, image_size, image_size], int64 [B]) on the device.
+    ``val``: the held-out part of the training split (``val_split`` examples, read like the test split), or None.
     ``mean``, ``std``: the per-channel normalisation of the [0, 1] pixels. ``info``: plain values for the run's
-    records: ``dataset``, ``num_classes``, ``image_size``, ``num_train`` (after ``train_subset``), ``num_test``,
-    ``train_per_rank`` and ``label_noise`` (see :func:`fsam.data.noise.corrupt_labels`).
+    records: ``dataset``, ``num_classes``, ``image_size``, ``num_train`` (after ``train_subset`` and ``val_split``),
+    ``num_val``, ``num_test``, ``train_per_rank`` and ``label_noise`` (see :func:`fsam.data.noise.corrupt_labels`).
     """
 
     train: Any
@@ -34,6 +35,10 @@ class DataBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     info: dict[str, Any]
+    val: Any = None
+
+
+_Split = tuple[Any, np.ndarray]  # examples (uint8 images or file paths) and their int64 labels
 
 
 @dataclass
@@ -69,6 +74,9 @@ def build_data(
     world_size: int = 1,
     channels_last: bool = False,
     train_subset: int | None = None,
+    val_split: int = 0,
+    val_seed: int = 0,
+    drop_last: bool = True,
 ) -> DataBundle:
     """Read data set ``name`` from ``root`` and build this process's training and test loaders.
 
@@ -87,6 +95,12 @@ def build_data(
         rank, world_size: this process's place; each gets its own shard of both splits.
         channels_last: deliver inputs in channels-last memory format.
         train_subset: keep only the first ``train_subset`` training examples (before label noise).
+        val_split: hold this many of those examples out of training as a validation split, chosen by
+            ``val_seed`` alone (the same images for every training seed and method), with their own labels:
+            label noise is applied to the examples that remain. Choose hyperparameters and epochs on it, not on
+            the test split.
+        drop_last: False trains on each epoch's last partial batch too (the authors' release) instead of
+            dropping it.
 
     Raises:
         ConfigError: an unknown data set or a setting that does not fit it (batch larger than the shard,
@@ -102,6 +116,8 @@ def build_data(
     _check_positive("dataset.image_size", image_size)
     if train_subset is not None:
         _check_positive("dataset.train_subset", train_subset)
+    if isinstance(val_split, bool) or not isinstance(val_split, int) or val_split < 0:
+        raise ConfigError(f"dataset.val_split={val_split!r} is not allowed: must be a whole number >= 0")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank={rank} is not allowed with world_size={world_size}: must be in [0, {world_size})")
     if noise.kind == "asymmetric" and name not in ASYMMETRIC_NOISE_DATASETS:
@@ -114,11 +130,13 @@ def build_data(
         return _build_imagefolder(
             root, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device, seed=seed, noise=noise,
             image_size=image_size, num_workers=num_workers, rank=rank, world_size=world_size,
-            channels_last=channels_last, train_subset=train_subset,
+            channels_last=channels_last, train_subset=train_subset, val_split=val_split, val_seed=val_seed,
+            drop_last=drop_last,
         )
     arrays = _read_arrays(name, root, download=download, url=url, md5=md5, rank=rank, world_size=world_size)
     train_images, train_labels = _subset(arrays.train_images, arrays.train_labels, train_subset)
-    _check_batch_fits(batch_size, len(train_labels), world_size)
+    (train_images, train_labels), held_out = _hold_out(train_images, train_labels, val_split, val_seed)
+    _check_batch_fits(batch_size, len(train_labels), world_size, drop_last)
     from fsam.data.noise import corrupt_labels
 
     noisy_labels, noise_record = corrupt_labels(
@@ -130,14 +148,15 @@ def build_data(
         return DeviceLoader(
             torch.from_numpy(images).to(device), labels.to(device), batch_size=batch_size if train else eval_batch_size,
             augment_spec=augment, mean=arrays.mean, std=arrays.std, seed=seed, train=train, rank=rank,
-            world_size=world_size, image_size=image_size, channels_last=channels_last,
+            world_size=world_size, image_size=image_size, channels_last=channels_last, drop_last=drop_last,
         )
 
     train = loader(train_images, noisy_labels, train=True)
     test = loader(arrays.test_images, torch.from_numpy(arrays.test_labels), train=False)
+    val = loader(held_out[0], torch.from_numpy(held_out[1]), train=False) if val_split else None
     info = _info(name, arrays.num_classes, image_size, len(train_labels), len(arrays.test_labels), world_size,
-                 noise_record)
-    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info)
+                 noise_record, val_split)
+    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, val)
 
 
 def _read_arrays(
@@ -180,6 +199,9 @@ def _build_imagefolder(
     world_size: int,
     channels_last: bool,
     train_subset: int | None,
+    val_split: int,
+    val_seed: int,
+    drop_last: bool,
 ) -> DataBundle:
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -188,20 +210,25 @@ def _build_imagefolder(
 
     splits = scan_imagefolder(root)
     train_paths, train_labels = _subset(splits.train_paths, splits.train_labels, train_subset)
-    _check_batch_fits(batch_size, len(train_labels), world_size)
+    (train_paths, train_labels), held_out = _hold_out(train_paths, train_labels, val_split, val_seed)
+    _check_batch_fits(batch_size, len(train_labels), world_size, drop_last)
     num_classes = len(splits.classes)
     noisy_labels, noise_record = corrupt_labels(torch.from_numpy(train_labels), num_classes, noise, None)
     train_transform, test_transform = imagefolder_transforms(image_size)
     common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, device=device,
                   channels_last=channels_last)
     train = FolderLoader(train_paths, noisy_labels.numpy(), train_transform, batch_size=batch_size, train=True,
-                         **common)
+                         drop_last=drop_last, **common)
     test = FolderLoader(splits.test_paths, splits.test_labels, test_transform, batch_size=eval_batch_size,
                         train=False, **common)
+    val = None
+    if val_split:
+        val = FolderLoader(held_out[0], held_out[1], test_transform, batch_size=eval_batch_size, train=False,
+                           **common)
     info = _info("imagenet", num_classes, image_size, len(train_labels), len(splits.test_labels), world_size,
-                 noise_record)
+                 noise_record, val_split)
     return DataBundle(train, test, num_classes, image_size, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
-                      info)
+                      info, val)
 
 
 def _check_positive(key: str, value: Any) -> None:
@@ -221,22 +248,55 @@ def _subset(examples: Any, labels: np.ndarray, train_subset: int | None) -> tupl
     return examples[:train_subset], labels[:train_subset]
 
 
-def _check_batch_fits(batch_size: int, num_train: int, world_size: int) -> None:
+def _hold_out(examples: Any, labels: np.ndarray, val_split: int, val_seed: int) -> tuple[_Split, _Split]:
+    """(training examples, labels) without the validation split, and (validation examples, labels).
+
+    The ``val_split`` held-out positions are the first of a permutation drawn from ``val_seed`` alone; both parts
+    keep the data set's order."""
+    if not val_split:
+        return (examples, labels), (examples[:0], labels[:0])
+    if val_split >= len(labels):
+        raise ConfigError(
+            f"dataset.val_split={val_split} leaves no training examples (there are {len(labels)}): hold out fewer"
+        )
+    from fsam.data import seeding
+
+    order = torch.randperm(len(labels), generator=seeding.generator(seeding.VALIDATION_SPLIT, val_seed)).numpy()
+    held = np.zeros(len(labels), dtype=bool)
+    held[order[:val_split]] = True
+    kept, val = np.flatnonzero(~held), np.flatnonzero(held)
+    return (_take(examples, kept), labels[kept]), (_take(examples, val), labels[val])
+
+
+def _take(examples: Any, positions: np.ndarray) -> Any:
+    """``examples[positions]`` for an array, or the listed items of a sequence (ImageFolder paths)."""
+    if isinstance(examples, np.ndarray):
+        return examples[positions]
+    return [examples[position] for position in positions]
+
+
+def _check_batch_fits(batch_size: int, num_train: int, world_size: int, drop_last: bool = True) -> None:
     per_rank = num_train // world_size
     if batch_size > per_rank:
         raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the {per_rank} training examples of each process "
             f"({num_train} over {world_size} process{'es' if world_size > 1 else ''}): lower trainer.batch_size"
         )
+    if not drop_last and per_rank % batch_size == 1:
+        raise ConfigError(
+            f"dataset.drop_last=false leaves a last batch of 1 example ({per_rank} per process, batch "
+            f"{batch_size}), which BatchNorm cannot train on: use dataset.drop_last=true or another batch size"
+        )
 
 
 def _info(name: str, num_classes: int, image_size: int, num_train: int, num_test: int, world_size: int,
-          noise_record: dict[str, Any]) -> dict[str, Any]:
+          noise_record: dict[str, Any], num_val: int = 0) -> dict[str, Any]:
     return {
         "dataset": name,
         "num_classes": num_classes,
         "image_size": image_size,
         "num_train": num_train,
+        "num_val": num_val,
         "num_test": num_test,
         "train_per_rank": num_train // world_size,
         "label_noise": noise_record,

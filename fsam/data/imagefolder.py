@@ -8,7 +8,6 @@ epoch) whatever the number of workers, resumable from any batch, and the caller'
 
 from __future__ import annotations
 
-import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fsam.data import seeding
-from fsam.data.loaders import epoch_order, shard_block
+from fsam.data.loaders import batches_per_epoch, epoch_order, shard_block
 from fsam.errors import DataError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -153,8 +152,10 @@ class _EpochBatches:
     travel with each request to seed the example's transform.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, train: bool, rank: int, world_size: int):
+    def __init__(self, num_examples: int, batch_size: int, seed: int, train: bool, rank: int, world_size: int,
+                 drop_last: bool = True):
         self.num_examples = num_examples
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.seed = seed
         self.train = train
@@ -164,7 +165,7 @@ class _EpochBatches:
 
     def batches_per_epoch(self) -> int:
         shard = self.block.stop - self.block.start
-        return shard // self.batch_size if self.train else math.ceil(shard / self.batch_size)
+        return batches_per_epoch(shard, self.batch_size, train=self.train, drop_last=self.drop_last)
 
     def start(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -186,7 +187,8 @@ class FolderLoader:
     """Batches of image files through a transform in ``num_workers`` worker processes (0: in this process).
 
     ``iterate(epoch, start_batch)`` yields (inputs float32 [B, 3, S, S], targets int64 [B]) on ``device``.
-    Training: shuffled by (seed, epoch), sharded in equal blocks, last partial batch dropped, each example's
+    Training: shuffled by (seed, epoch), sharded in equal blocks, last partial batch dropped (unless
+    ``drop_last=False``), each example's
     random transform seeded from (seed, epoch, index). Test: in file order, contiguous shards, last batch kept.
     An image that cannot be decoded raises DataError naming its path.
     """
@@ -205,10 +207,11 @@ class FolderLoader:
         num_workers: int = 0,
         device: torch.device = torch.device("cpu"),
         channels_last: bool = False,
+        drop_last: bool = True,
     ) -> None:
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.batches = _EpochBatches(len(paths), batch_size, seed, train, rank, world_size)
+        self.batches = _EpochBatches(len(paths), batch_size, seed, train, rank, world_size, drop_last)
         self.loader = DataLoader(
             _ImageDataset(paths, labels, transform, seed, random_transform=train),
             batch_sampler=self.batches,

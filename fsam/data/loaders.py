@@ -4,7 +4,8 @@ Sharding (shared with :class:`fsam.data.imagefolder.FolderLoader`):
 
 * training: every process draws the same permutation of all N examples from (seed, epoch) and takes its own
   block of ``N // world_size`` of them, so the shards are disjoint and equal (a process never waits for another
-  at the end of an epoch); each process then drops its last partial batch.
+  at the end of an epoch); each process then drops its last partial batch, or with ``drop_last=False`` trains on
+  it as a smaller step (the authors' release: 391 steps of a CIFAR epoch at batch 128 rather than 390).
 * test: contiguous blocks that together cover the whole split (sizes differ by at most one); the last partial
   batch is kept, so every test example is counted exactly once.
 """
@@ -21,6 +22,13 @@ from torch.nn import functional as F
 from fsam.data import seeding
 from fsam.data.augment import augment, draw_augmentation
 from fsam.data.specs import AugmentSpec
+
+
+def batches_per_epoch(shard_size: int, batch_size: int, *, train: bool, drop_last: bool = True) -> int:
+    """Batches of a shard: training drops the last partial batch when ``drop_last``; evaluation never does."""
+    if train and drop_last:
+        return shard_size // batch_size
+    return math.ceil(shard_size / batch_size)
 
 
 def shard_block(num_examples: int, rank: int, world_size: int, *, train: bool) -> slice:
@@ -70,11 +78,12 @@ class DeviceLoader:
         world_size: int = 1,
         image_size: int | None = None,
         channels_last: bool = False,
+        drop_last: bool = True,
     ) -> None:
         """``images``: uint8 [N, 3, H, W] and ``labels``: int64 [N], both already on the device.
 
-        ``train``: shuffle, shard in equal blocks, augment as ``augment_spec`` and drop the last partial batch;
-        otherwise keep the order, take a contiguous block and only normalise (when ``augment_spec.normalize``).
+        ``train``: shuffle, shard in equal blocks, augment as ``augment_spec`` and drop the last partial batch
+        (``drop_last``; False trains on it as a smaller batch); otherwise keep the order, take a contiguous block and only normalise (when ``augment_spec.normalize``).
         ``image_size``: resize each batch (bilinear, after augmentation) when it differs from H.
         """
         self.images = images
@@ -89,12 +98,11 @@ class DeviceLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.block = shard_block(len(images), rank, world_size, train=train)
         self.shard_size = self.block.stop - self.block.start
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
         """Batches per epoch in this process."""
-        if self.train:
-            return self.shard_size // self.batch_size
-        return math.ceil(self.shard_size / self.batch_size)
+        return batches_per_epoch(self.shard_size, self.batch_size, train=self.train, drop_last=self.drop_last)
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the batches ``start_batch``, ..., ``len(self) - 1`` of ``epoch`` (see the class docstring)."""

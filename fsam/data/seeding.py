@@ -13,6 +13,7 @@ import torch
 EPOCH_ORDER = 1
 LABEL_NOISE = 2
 SAMPLE_TRANSFORM = 3
+VALIDATION_SPLIT = 4
 
 
 def derive_seed(*parts: int) -> int:

@@ -1,4 +1,4 @@
-"""Test-set evaluation: mean cross-entropy, top-1 and top-5 accuracy, summed over all processes."""
+"""Evaluation of the test (or validation) split: mean cross-entropy, top-1 and top-5 accuracy, summed over all processes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, precision: Precision, device: torch.device) -> dict[str, float]:
-    """``test_loss`` (mean, nats), ``test_top1`` and ``test_top5`` (percent) over the whole test split.
+def evaluate(
+    model: nn.Module, loader: Any, precision: Precision, device: torch.device, split: str = "test"
+) -> dict[str, float]:
+    """``<split>_loss`` (mean, nats), ``<split>_top1`` and ``<split>_top5`` (percent) over the whole split.
 
     ``loader.iterate(0)`` yields this process's shard; sums are all-reduced so every process gets the totals.
     The model is left in eval mode.
@@ -39,4 +41,5 @@ def evaluate(model: nn.Module, loader: Any, precision: Precision, device: torch.
         totals += torch.stack([loss.double(), *correct.double(), torch.tensor(len(targets), device=device).double()])
     loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
     count = max(count, 1.0)
-    return {"test_loss": loss_sum / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
+    return {f"{split}_loss": loss_sum / count, f"{split}_top1": 100.0 * top1 / count,
+            f"{split}_top5": 100.0 * top5 / count}

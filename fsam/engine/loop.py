@@ -262,6 +262,7 @@ class _Trainer:
             augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**noise),
             image_size=dataset.image_size, num_workers=dataset.num_workers, rank=self.info.rank,
             world_size=self.info.world_size, channels_last=trainer.channels_last, train_subset=dataset.train_subset,
+            val_split=dataset.val_split, val_seed=dataset.val_seed, drop_last=dataset.drop_last,
         )
 
     def _build_model(self) -> nn.Module:
@@ -547,6 +548,8 @@ class _Trainer:
         train_time = totals.train_time_s
         distributed.broadcast_buffers(self.model)  # score the model rank 0 saves, on every shard
         test = evaluate(self.model, self.data.test, self.precision, self.device)
+        if self.data.val is not None:
+            test.update(evaluate(self.model, self.data.val, self.precision, self.device, split="val"))
         epoch = progress.epoch + 1
         row = {
             "epoch": epoch,
@@ -574,7 +577,9 @@ class _Trainer:
         self.say(
             f"epoch {epoch}/{self.config.trainer.epochs}  train loss {row['train_loss']:.4f} top-1 "
             f"{row['train_top1']:.2f}%  test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 "
-            f"{row['test_top5']:.2f}%  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+            f"{row['test_top5']:.2f}%"
+            + (f"  val top-1 {row['val_top1']:.2f}%" if "val_top1" in row else "")
+            + f"  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
             + (f"  {int(skipped)} fp16 steps skipped" if skipped else "")
         )
 
@@ -595,6 +600,7 @@ class _Trainer:
             "final_train_loss": final["train_loss"],
             "best_top1": progress.best_top1,
             "best_epoch": progress.best_epoch,
+            **_chosen_by_validation(progress.metrics),
             "epochs": len(progress.metrics),
             "global_steps": progress.global_step,
             "skipped_steps": sum(row["skipped_steps"] for row in progress.metrics),
@@ -611,3 +617,12 @@ class _Trainer:
             "data": self.data.info,
             "run_dir": str(self.folder.path),
         }
+
+
+def _chosen_by_validation(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """With a validation split: its best top-1, that epoch, and the test top-1 at that epoch (the honest pick)."""
+    if not metrics or "val_top1" not in metrics[0]:
+        return {}
+    chosen = max(metrics, key=lambda row: row["val_top1"])  # the first of equal ones
+    return {"best_val_top1": chosen["val_top1"], "best_val_epoch": chosen["epoch"],
+            "test_top1_at_best_val": chosen["test_top1"], "final_val_top1": metrics[-1]["val_top1"]}

@@ -18,7 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-METRICS = {"best_top1": "best-epoch test top-1 (%)", "final_top1": "final-epoch test top-1 (%)"}
+# The epoch a figure comes from: the best by test accuracy (as the paper reports), the last, or the best by
+# validation accuracy (runs with dataset.val_split only: the pick that never looked at the test split).
+METRICS = {"best_top1": "best-epoch test top-1 (%)", "final_top1": "final-epoch test top-1 (%)",
+           "test_top1_at_best_val": "test top-1 at the best validation epoch (%)"}
 KNOWN_METRIC = {"best_top1": "top1_best", "final_top1": "top1_final"}
 STATES = ("unfinished", "running", "diverged")
 # Shown beside each setting; the hyperparameters a method never reads are empty (fsam.report.runs).
@@ -73,7 +76,7 @@ def load_known(path: str | Path) -> pd.DataFrame:
 def published_value(known: pd.DataFrame, row: pd.Series, metric: str) -> tuple[float, str] | None:
     """The published ``metric`` for the setting ``row`` and its source, where known-results.csv has one for its
     data set, model, method and every hyperparameter the CSV fills in."""
-    if known is None or known.empty:
+    if known is None or known.empty or metric not in KNOWN_METRIC:
         return None
     candidates = known[
         (known["dataset"] == row["dataset"]) & (known["model"] == row["model"])
@@ -144,10 +147,18 @@ def paper_layout(summary: pd.DataFrame, metric: str, known: pd.DataFrame | None 
     return layout
 
 
+def reported_metrics(summary: pd.DataFrame) -> list[str]:
+    """The metrics of ``METRICS`` some setting has a value for (the validation pick only with a validation
+    split); the best and final epochs always."""
+    return [metric for metric in METRICS
+            if metric in ("best_top1", "final_top1") or summary[f"{metric}_mean"].notna().any()]
+
+
 def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The per-setting table as it is printed: describing columns, then ``mean ± std (n)`` per metric."""
     table = summary[["setting", *DESCRIBE_COLUMNS]].copy()
-    for metric, title in METRICS.items():
+    for metric in reported_metrics(summary):
+        title = METRICS[metric]
         table[title] = [
             format_cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row["n"]),
                         {state: int(row[state]) for state in STATES}, bool(row["short"]))
