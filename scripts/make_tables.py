@@ -20,7 +20,8 @@ import pandas as pd
 from fsam.errors import FsamError
 from fsam.report.runs import runs_under
 from fsam.report.tables import (
-    METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, row_label, settings_table, summarise, to_latex,
+    METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, reported_metrics, row_label, settings_table,
+    summarise, to_latex,
 )
 from fsam.runfolder import write_atomic
 
@@ -56,7 +57,7 @@ def main() -> int:
         return 2
     summary = summarise(runs, seeds_expected=args.seeds)
     known = load_known(args.known)
-    layouts = {metric: paper_layout(summary, metric, known) for metric in METRICS}
+    layouts = {metric: paper_layout(summary, metric, known) for metric in reported_metrics(summary)}
     per_setting = settings_table(summary)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def main() -> int:
         from fsam.report.wandb_upload import BarChart, log_tables
 
         charts = {f"paper_{metric}": BarChart(bars(summary, metric), "cell", "mean", METRICS[metric])
-                  for metric in METRICS}
+                  for metric in layouts}
         finished = summary[summary["n"] > 0]
         charts["settings"] = BarChart(
             pd.DataFrame({"setting": finished["setting"], "mean": finished["best_top1_mean"].round(2)}),
