@@ -4,10 +4,14 @@
     python scripts/reproduce.py --grid digits --status             # finished / running / diverged / missing
     python scripts/reproduce.py --grid digits --seeds 3            # train what is missing, one sweep per block
     python scripts/reproduce.py --grid cifar100_resnet18 --launcher slurm -- hydra.launcher.partition=gpu
+    python scripts/reproduce.py --grid all --dry-run --seeds 1     # every paper grid, and its GPU-hours estimate
 
 A grid is a list of blocks; a block is one ``train.py -m`` sweep (comma lists in its overrides), run with
 ``trainer.seed=1..N``. Relaunching a grid skips its finished runs and continues the unfinished ones (run
-folders are named by what they compute). Extra arguments after ``--`` go to every sweep.
+folders are named by what they compute). Extra arguments after ``--`` go to every sweep. A paper grid's cells
+are experiment files (configs/experiment/paper_*.yaml), one per table entry; ablations sweep values on one of them.
+The GPU-hours estimate uses only GPU step throughput measured by scripts/bench_train.py (results/benchmarks.md)
+and says "not measured" for everything else.
 """
 
 from __future__ import annotations
@@ -15,11 +19,36 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+CIFAR_MODELS = ("resnet18", "wrn28_10", "pyramidnet110", "vgg16_bn")
+NOISE_LEVELS = ("sym20", "sym40", "sym60", "sym80", "asym40")
+
+
+def experiments(*names: str) -> str:
+    """One override sweeping experiment files (configs/experiment/<name>.yaml)."""
+    return "experiment=" + ",".join(names)
+
+
+def cifar_table(dataset: str) -> list[list[str]]:
+    """A block per network: SGD, SAM, F-SAM, ASAM and F-ASAM with the release's recipe."""
+    methods = ("sgd", "sam", "fsam", "asam", "fasam")
+    return [[experiments(*(f"paper_{dataset}_{model}_{method}" for method in methods))] for model in CIFAR_MODELS]
+
+
+# At sigma = 1 (and lambda > 0) the two EMA orders give the same direction, so the runs share a folder (the
+# identity drops ema_order there): the paper order is swept only where it computes something else.
+LAMBDAS = "optimizer.lmbda=0,0.3,0.6,0.9,0.95,0.99"
+ABLATION_LAMBDA_SIGMA = [
+    ["experiment=paper_cifar100_resnet18_fsam", LAMBDAS, "optimizer.sigma=0.5,1,1.5,2", "optimizer.ema_order=code"],
+    ["experiment=paper_cifar100_resnet18_fsam", LAMBDAS, "optimizer.sigma=0.5,1.5,2", "optimizer.ema_order=paper"],
+    ["experiment=paper_cifar100_resnet18_fsam", "optimizer.lmbda=0", "optimizer.sigma=1", "optimizer.ema_order=paper"],
+]
 
 # name -> (what it reproduces, blocks of overrides). Comma lists are swept; seeds are added by --seeds.
 GRIDS: dict[str, tuple[str, list[list[str]]]] = {
@@ -32,11 +61,63 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
              "dataset.noise.ratio=0.2,0.4"],
         ],
     ),
+    # optimizer.name, not the optimizer group: the experiment file sets optimizer.name itself, which overrides a
+    # group chosen on the command line (optimizer=sgd,sam,fsam trained F-SAM three times).
     "cifar100_resnet18": (
-        "the release's CIFAR-100 ResNet-18 recipe (experiment=paper_cifar100_resnet18) for SGD, SAM and F-SAM",
-        [["experiment=paper_cifar100_resnet18", "optimizer=sgd,sam,fsam"]],
+        "the release's CIFAR-100 ResNet-18 recipe (experiment=paper_cifar100_resnet18) for SGD, SAM and F-SAM, "
+        "all with its rho 0.2",
+        [["experiment=paper_cifar100_resnet18", "optimizer.name=sgd,sam,fsam"]],
+    ),
+    "cifar10": (
+        "CIFAR-10: ResNet-18, WRN-28-10, PyramidNet-110 and VGG16-BN (the release's networks and initialisation) "
+        "x SGD, SAM, F-SAM, ASAM, F-ASAM, the release's recipe",
+        cifar_table("cifar10"),
+    ),
+    "cifar100": (
+        "CIFAR-100: ResNet-18, WRN-28-10, PyramidNet-110 and VGG16-BN (the release's networks and initialisation) "
+        "x SGD, SAM, F-SAM, ASAM, F-ASAM, the release's recipe",
+        cifar_table("cifar100"),
+    ),
+    "label_noise": (
+        "CIFAR-10 with 20/40/60/80 % symmetric and 40 % asymmetric label noise, ResNet-18, SGD, SAM and F-SAM",
+        [[experiments(*(f"paper_cifar10_{noise}_resnet18_{method}" for method in ("sgd", "sam", "fsam")))]
+         for noise in NOISE_LEVELS],
+    ),
+    "imagenet": (
+        "ImageNet, ResNet-50, SGD, SAM and F-SAM (SAM's ImageNet recipe: base/imagenet_resnet50.yaml)",
+        [[experiments("paper_imagenet_resnet50_sgd", "paper_imagenet_resnet50_sam", "paper_imagenet_resnet50_fsam")]],
+    ),
+    "vit": (
+        "DeiT-S/16 fine-tuned on CIFAR-10 and CIFAR-100, and a ViT-S/4 from scratch on CIFAR-10, each with AdamW "
+        "alone, SAM and F-SAM on an AdamW base",
+        [
+            [experiments("paper_cifar10_deit_small_adamw", "paper_cifar10_deit_small_sam",
+                         "paper_cifar10_deit_small_fsam")],
+            [experiments("paper_cifar100_deit_small_adamw", "paper_cifar100_deit_small_sam",
+                         "paper_cifar100_deit_small_fsam")],
+            [experiments("cifar10_vit_scratch_adamw", "cifar10_vit_scratch_sam", "cifar10_vit_scratch_fsam")],
+        ],
+    ),
+    "ablation_lambda_sigma": (
+        "F-SAM on CIFAR-100 ResNet-18 (the release's recipe): lambda 0-0.99 x sigma 0.5-2 in both EMA orders (at "
+        "sigma 1 the orders agree, so those runs are the code order's)",
+        ABLATION_LAMBDA_SIGMA,
+    ),
+    "ablation_rho": (
+        "SAM and F-SAM on CIFAR-100 ResNet-18 (the release's recipe) at rho 0.05-0.5",
+        [[experiments("paper_cifar100_resnet18_sam", "paper_cifar100_resnet18_fsam"),
+          "optimizer.rho=0.05,0.1,0.2,0.3,0.4,0.5"]],
     ),
 }
+PAPER_GRIDS = ("cifar10", "cifar100", "label_noise", "imagenet", "vit", "ablation_lambda_sigma", "ablation_rho")
+GRIDS["all"] = (
+    "every paper grid: " + ", ".join(PAPER_GRIDS) + " (a run two grids share trains once)",
+    [block for name in PAPER_GRIDS for block in GRIDS[name][1]],
+)
+
+# Training examples per epoch, for the GPU-hours estimate (dataset.train_subset replaces them).
+TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "digits": 1_437, "imagenet": 1_281_167}
+BENCHMARKS = REPO / "results" / "benchmarks.md"
 
 
 def expand(block: list[str]) -> list[list[str]]:
@@ -45,24 +126,101 @@ def expand(block: list[str]) -> list[list[str]]:
     return [list(combination) for combination in itertools.product(*choices)]
 
 
-def run_folder(overrides: list[str]) -> Path:
-    """The folder train.py would train these overrides in (composed with the real configs)."""
+def compose_cells(cells: list[list[str]]) -> list[dict]:
+    """Each cell's config as train.py composes it (plain data, interpolations resolved), with the real configs."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from fsam.config.run_folder import register_resolver
-    from fsam.runfolder import default_run_dir
 
     register_resolver()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        config = compose("train", overrides=overrides)
-    return default_run_dir(OmegaConf.to_container(config, resolve=True))
+        return [OmegaConf.to_container(compose("train", overrides=cell), resolve=True) for cell in cells]
+
+
+def run_folder(overrides: list[str]) -> Path:
+    """The folder train.py would train these overrides in (composed with the real configs)."""
+    from fsam.runfolder import default_run_dir
+
+    return default_run_dir(compose_cells([overrides])[0])
+
+
+def measured_throughput(path: Path = BENCHMARKS) -> dict[tuple, float]:
+    """Images/s of whole training steps measured on a GPU, from the sections scripts/bench_train.py appends to
+    ``path``: (model, method, batch size, precision, channels_last, compile) -> images/s, the latest section
+    winning. CPU sections are left out (they say nothing about GPU-hours). The benchmark's images are 32 px."""
+    if not path.exists():
+        return {}
+    measured: dict[tuple, float] = {}
+    on_gpu, measurement = False, None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            on_gpu, measurement = not line.split(": ", 1)[-1].startswith("CPU"), None
+        elif line.startswith("- model ") and on_gpu:
+            found = re.match(r"- model (\S+) \(\d+ classes\), batch (\d+), precision (\w+), channels_last (\w+), "
+                             r"compile (\w+)", line)
+            measurement = found and (found[1], int(found[2]), found[3], found[4] == "True", found[5] == "True")
+        elif line.startswith("| ") and measurement:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if len(cells) >= 3 and cells[0] in ("sgd", "sam", "fsam") and cells[2].isdigit():
+                model, batch, precision, channels_last, compiled = measurement
+                measured[(model, cells[0], batch, precision, channels_last, compiled)] = float(cells[2])
+    return measured
+
+
+def gpu_hours(configs: list[dict], measured: dict[tuple, float]) -> str:
+    """One line: the GPU-hours of the runs whose model, method, batch size, precision, memory format and compile
+    setting have a measured GPU throughput (32 px images only: the benchmark's), and what is not measured.
+    Whole training steps only: data loading and evaluation are not counted."""
+    hours, counted, missing = 0.0, 0, set()
+    for config in configs:
+        trainer, dataset = config["trainer"], config["dataset"]
+        key = (config["model"]["name"], config["optimizer"]["name"], trainer["batch_size"], trainer["amp"],
+               trainer["channels_last"], trainer["compile"])
+        images_per_second = measured.get(key) if dataset["image_size"] == 32 else None
+        if images_per_second is None:
+            missing.add(f"{key[0]} (batch {key[2]}, precision {key[3]}, {dataset['image_size']} px)")
+            continue
+        examples = dataset["train_subset"] or TRAIN_EXAMPLES[dataset["name"]]
+        hours += trainer["epochs"] * examples / images_per_second / 3600
+        counted += 1
+    if not missing:
+        return f"GPU-hours: {hours:.1f} for all {counted} runs (measured step throughput in results/benchmarks.md)"
+    not_measured = (f"not measured for {len(configs) - counted} of {len(configs)} runs (no GPU step throughput in "
+                    f"results/benchmarks.md for their method on {', '.join(sorted(missing))})")
+    if counted == 0:
+        return f"GPU-hours: {not_measured}"
+    return f"GPU-hours: {hours:.1f} for {counted} runs (measured step throughput in results/benchmarks.md); {not_measured}"
 
 
 def state_of(folder: Path) -> str:
     from fsam.runfolder import RunFolder
 
     return RunFolder(folder).state() if folder.exists() else "missing"
+
+
+def print_status(blocks: list[list[str]], common: list[str]) -> None:
+    """A line per run (its state, folder and overrides), the count of each state, and the GPU-hours estimate.
+    Cells with equal settings (two grids sharing a run) are one run, listed once. Hydra's own overrides
+    (hydra.*) do not change a run's folder and are left out of the composition."""
+    cells = [cell for block in blocks for cell in expand([*block, *common])]
+    configs = compose_cells([[item for item in cell if not item.startswith("hydra")] for cell in cells])
+    from fsam.runfolder import default_run_dir
+
+    runs: dict[Path, dict] = {}
+    counts: dict[str, int] = {}
+    for cell, config in zip(cells, configs):
+        folder = default_run_dir(config)
+        if folder in runs:
+            continue
+        runs[folder] = config
+        state = state_of(folder)
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{state:10s} {folder}  ({' '.join(cell)})")
+    shared = len(cells) - len(runs)
+    print("cells: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+          + (f" ({shared} more cells are runs listed above: the same setting)" if shared else ""))
+    print(gpu_hours(list(runs.values()), measured_throughput()))
 
 
 def main() -> int:
@@ -84,14 +242,7 @@ def main() -> int:
     ]
     print(f"grid {args.grid}: {description}")
     if args.dry_run or args.status:
-        counts: dict[str, int] = {}
-        for block in blocks:
-            for overrides in expand([*block, f"trainer.seed={seeds}", *args.extra]):
-                folder = run_folder(overrides)
-                state = state_of(folder)
-                counts[state] = counts.get(state, 0) + 1
-                print(f"{state:10s} {folder}  ({' '.join(overrides)})")
-        print("cells: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items())))
+        print_status(blocks, [f"trainer.seed={seeds}", *args.extra])
         if args.dry_run:
             for command in commands:
                 print("would run: " + " ".join(command[1:]))

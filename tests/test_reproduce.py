@@ -59,3 +59,58 @@ def test_the_dry_run_lists_the_sweeps_and_the_status_counts_each_state(isolated_
         "dataset.noise.kind=symmetric dataset.noise.ratio=0.2,0.4 trainer.seed=1,2 trainer.epochs=2",
     ]
     assert not list(isolated_records.rglob("metrics.jsonl"))  # nothing was trained
+
+
+def test_a_paper_grid_dry_run_lists_each_run_once_with_the_gpu_hours_line():
+    dry = reproduce("--grid", "label_noise", "--seeds", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    runs = [line for line in dry.stdout.splitlines() if line.startswith("missing ")]
+    assert len(runs) == 5 * 3 * 2 and len(set(runs)) == len(runs)  # noise levels x methods x seeds
+    assert "cells: 30 missing\n" in dry.stdout
+    assert len([line for line in dry.stdout.splitlines() if line.startswith("would run: ")]) == 5
+    # results/benchmarks.md has CPU figures only: nothing may be estimated from them.
+    assert "GPU-hours: not measured for 30 of 30 runs" in dry.stdout and "resnet18 (batch 128" in dry.stdout
+
+
+def test_runs_that_two_grids_share_are_listed_once_in_all():
+    status = reproduce("--grid", "all", "--seeds", "1", "--status")
+    assert status.returncode == 0, status.stderr
+    runs = [line.split()[1] for line in status.stdout.splitlines() if line.startswith("missing ")]
+    assert len(runs) == len(set(runs)) == 119  # 122 cells; the ablations reuse 3 runs of the CIFAR-100 table
+    assert "cells: 119 missing (3 more cells are runs listed above: the same setting)" in status.stdout
+    assert "GPU-hours: " in status.stdout
+
+
+GPU_SECTION = """
+## 2027-01-02: NVIDIA H200, torch 2.14.1+cu130
+
+- model resnet18 (100 classes), batch 128, precision off, channels_last False, compile False, 20 steps x 3 rounds
+- FLOPs per image (FlopCounterMode, float32): forward 1.111 GFLOP, forward + backward 3.329 GFLOP
+
+| method | ms / step | images / s | achieved TFLOP/s | memory |
+|---|---|---|---|---|
+| sgd | 12.8 | 10000 | 33.3 | peak allocated 900 MiB |
+| sam | 25.6 | 5000 | 33.3 | peak allocated 950 MiB |
+| fsam | 25.6 | 5000 | 33.3 | peak allocated 1000 MiB |
+| baseline fsam | 40.0 | 3200 | 20.8 | peak allocated 1000 MiB |
+"""
+
+
+def test_gpu_hours_come_from_gpu_measurements_of_the_same_model_method_batch_and_precision(tmp_path):
+    module = reproduce_module()
+    record = tmp_path / "benchmarks.md"
+    cpu_only = (REPO / "results" / "benchmarks.md").read_text()
+    record.write_text(cpu_only)
+    assert module.measured_throughput(record) == {}  # CPU sections say nothing about GPU-hours
+    record.write_text(cpu_only + GPU_SECTION)
+    measured = module.measured_throughput(record)
+    assert measured[("resnet18", "sam", 128, "off", False, False)] == 5000.0
+    assert not any(key[1] == "baseline fsam" for key in measured)
+    configs = module.compose_cells([["experiment=paper_cifar100_resnet18_sgd"], ["experiment=paper_cifar100_resnet18_sam"],
+                                    ["experiment=paper_cifar100_vgg16_bn_sam"]])
+    # 200 epochs x 50,000 images at 10,000 and 5,000 images/s: 1000 s + 2000 s.
+    line = module.gpu_hours(configs, measured)
+    assert line.startswith("GPU-hours: 0.8 for 2 runs") and "not measured for 1 of 3 runs" in line
+    assert "vgg16_bn_release (batch 128, precision off, 32 px)" in line
+    bf16 = module.compose_cells([["experiment=paper_cifar100_resnet18_sam", "trainer.amp=bf16"]])
+    assert module.gpu_hours(bf16, measured).startswith("GPU-hours: not measured for 1 of 1 runs")
