@@ -46,18 +46,20 @@ def conv_bn_net() -> torch.nn.Module:
     )
 
 
-def compiles_per_step(method: str, precision: str = "off") -> list[int]:
-    """Frames compiled (aot_eager, the compiler's graph capture without code generation) after each of STEPS steps."""
-    model = conv_bn_net()
-    counter = CompileCounterWithBackend("aot_eager")
+def compiles_per_step(method: str, precision: str = "off", device: str = "cpu", backend: str = "aot_eager") -> list[int]:
+    """Frames compiled after each of STEPS steps. On the CPU the backend is aot_eager: the compiler's graph capture
+    and guards without generating code, which is what decides recompilation."""
+    model = conv_bn_net().to(device)
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter)
     optimizer = create_optimizer(model, method, lr=0.05, momentum=0.9, rho=0.1)
+    amp = Precision(precision, device)
     generator = torch.Generator().manual_seed(0)
     counts = []
     for _ in range(STEPS):
-        inputs = torch.randn(8, 3, 8, 8, generator=generator)
-        targets = torch.randint(0, 4, (8,), generator=generator)
-        train_step(compiled, inputs, targets, F.cross_entropy, optimizer, precision=Precision(precision, "cpu"))
+        inputs = torch.randn(8, 3, 8, 8, generator=generator).to(device)
+        targets = torch.randint(0, 4, (8,), generator=generator).to(device)
+        train_step(compiled, inputs, targets, F.cross_entropy, optimizer, precision=amp)
         counts.append(counter.frame_count)
     return counts
 
