@@ -121,7 +121,8 @@ def bench_imagefolder(root: Path, args, device: torch.device, workers: int) -> f
 
 
 def imagenet_report(args, device: torch.device, mean_kib: float, rates: dict[int, float]) -> list[str]:
-    lines = [
+    """The ImageNet loader's figures (images/s per worker count) as Markdown lines."""
+    return [
         f"- ImageNet loader: fsam.data's FolderLoader with timm's training transform at {args.image_size} px "
         f"(random resized crop, flip, colour jitter, normalise), batch {args.batch_size}, batches moved to {device}, "
         f"{args.rounds} rounds (fastest round), {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores",
@@ -135,7 +136,6 @@ def imagenet_report(args, device: torch.device, mean_kib: float, rates: dict[int
         "Not measured (GPU only): decoding the JPEGs on the GPU (torchvision.io.decode_jpeg(device='cuda')) and doing "
         "the crop and flip there in batch, which would move the decode off the CPU cores that bound this loader.",
     ]
-    return lines
 
 
 def tiny_model(num_classes: int) -> nn.Module:
