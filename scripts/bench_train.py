@@ -13,13 +13,17 @@ Measures, for one model, batch size, device, precision, memory format and compil
   counter, so it gives the bytes of parameters + gradients + optimizer state per method (counted from the tensors)
   and the process's peak resident set size (``ru_maxrss``, all methods together);
 * model FLOPs per image from ``torch.utils.flop_counter.FlopCounterMode`` (a float32 forward + backward), and on
-  CUDA the share of the GPU's peak dense bf16 throughput that the steps reach.
+  CUDA the share of the GPU's peak dense bf16 throughput that the steps reach;
+* with ``--data imagenet``, instead of all the above: images/s of the ImageNet path (``fsam.data``'s
+  FolderLoader: JPEG decoding and timm's training transform in worker processes, batches moved to the device) over
+  a generated ImageFolder of JPEGs, at each of ``--workers``.
 
 Prints SAM/SGD and F-SAM/SAM time per step, device data path / DataLoader (the fastest worker count) and the
 baseline / ours time per step against the targets, and appends a dated section to ``--record``.
 
     python scripts/bench_train.py                                  # CPU, ResNet-18, 100 classes, batch 128
     python scripts/bench_train.py --device cuda --precision bf16 --channels-last --batch-size 256
+    python scripts/bench_train.py --data imagenet --workers 0 2     # the ImageNet loader on this machine's cores
 
 The CUDA path is written but has not been run yet (no GPU so far); ``results/benchmarks.md`` says which figures
 have been measured where.
@@ -30,19 +34,23 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import resource
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from _baselines import LoopFSAM, PilCifar, loop_train_step  # scripts/ is on sys.path when a script here runs
+from fsam.data import build_data
 from fsam.data.loaders import DeviceLoader
 from fsam.data.specs import AugmentSpec
 from fsam.models import create_model
@@ -54,8 +62,12 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, rho=0.2, sigma=1.0, lmbda=0.6)
 METHODS = ("sgd", "sam", "fsam")
 BASELINE = "baseline fsam"
-# Dense bf16 tensor-core peak in TFLOP/s (vendor data sheets, without sparsity), first match by name wins.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
+# Dense bf16 tensor-core peak in TFLOP/s, without sparsity, first match by name wins. Sources: NVIDIA's data sheets
+# (H100 and H200 SXM: "989 TFLOPS" is half the 1979 quoted with sparsity; H100 PCIe 756 likewise; A100: 312)
+# and the L4 / L40S data sheets (121 and 362, half the sparse figures).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+)
 CPU_TARGETS = {"SAM/SGD": ("<=", 2.05), "F-SAM/SAM": ("<=", 1.02), "device data / DataLoader": (">=", 10.0)}
 DEFAULT_RECORD = Path(__file__).resolve().parent.parent / "results" / "benchmarks.md"
 RECORD_HEADER = """# Benchmarks
@@ -63,9 +75,67 @@ RECORD_HEADER = """# Benchmarks
 Figures from `scripts/bench_train.py` (whole training steps and the data path), each section appended by one run
 with its date, device, torch version and exact command.
 
-Not measured on a GPU yet: every CUDA figure (throughput with bf16/fp16, channels_last, torch.compile, the share of
-peak bf16 throughput, CUDA peak memory). The sections below are CPU runs unless their device says otherwise.
+Not measured on a GPU yet: every CUDA figure. That is whole-step throughput with bf16/fp16, channels_last and
+torch.compile, the share of peak bf16 throughput, CUDA peak memory, the optimizer step on the GPU
+(`bench_optim.py --device cuda`), the ImageNet loader feeding a GPU, and decoding JPEGs on the GPU
+(`torchvision.io.decode_jpeg(device="cuda")`, not implemented). The sections below are CPU runs unless their
+device says otherwise. To measure the GPU figures, run `bash scripts/gpu_check.sh` on the GPU machine (about
+5 minutes on one GPU): it runs the CUDA tests, one epoch of the paper's CIFAR-100 setting, and the benchmarks,
+appends their sections here and writes `results/bench_optim_cuda.json`; commit them.
 """
+
+
+def generated_imagefolder(root: Path, num_images: int, size: int, classes: int = 4) -> float:
+    """Write ``num_images`` training JPEGs of ``size`` x ``size`` pixels (quality 90) in the ImageFolder layout,
+    and one per class in ``val``; return their mean size in KiB. Each image is upsampled 16 x 16 noise: smooth, so
+    its JPEG is closer to a photograph's than pure noise would be (which is larger and slower to decode)."""
+    rng = np.random.default_rng(0)
+    total_bytes = 0
+    for index in range(num_images + classes):
+        split, label = ("train", index % classes) if index < num_images else ("val", index - num_images)
+        folder = root / split / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        path = folder / f"image_{index}.JPEG"
+        coarse.resize((size, size), Image.BICUBIC).save(path, format="JPEG", quality=90)
+        total_bytes += path.stat().st_size if split == "train" else 0
+    return total_bytes / num_images / 1024
+
+
+def bench_imagefolder(root: Path, args, device: torch.device, workers: int) -> float:
+    """Images/s of one training epoch of the ImageNet loader (fastest round; the first epoch starts the workers)."""
+    loader = build_data(
+        "imagenet", str(root), batch_size=args.batch_size, device=device, image_size=args.image_size,
+        num_workers=workers, seed=0, channels_last=args.channels_last,
+    ).train
+    best = float("inf")
+    for epoch in range(args.rounds + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for inputs, targets in loader.iterate(epoch):
+            pass
+        synchronize(device)
+        if epoch > 0:
+            best = min(best, time.perf_counter() - start)
+    return len(loader) * args.batch_size / best
+
+
+def imagenet_report(args, device: torch.device, mean_kib: float, rates: dict[int, float]) -> list[str]:
+    """The ImageNet loader's figures (images/s per worker count) as Markdown lines."""
+    return [
+        f"- ImageNet loader: fsam.data's FolderLoader with timm's training transform at {args.image_size} px "
+        f"(random resized crop, flip, colour jitter, normalise), batch {args.batch_size}, batches moved to {device}, "
+        f"{args.rounds} rounds (fastest round), {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores",
+        f"- data: {args.data_images} generated JPEGs of {args.jpeg_size} x {args.jpeg_size} px, mean {mean_kib:.0f} KiB "
+        "(smooth random images, quality 90)",
+        "",
+        "| loader | images / s |",
+        "|---|---|",
+        *[f"| FolderLoader, {workers} workers | {rate:.0f} |" for workers, rate in rates.items()],
+        "",
+        "Not measured (GPU only): decoding the JPEGs on the GPU (torchvision.io.decode_jpeg(device='cuda')) and doing "
+        "the crop and flip there in batch, which would move the decode off the CPU cores that bound this loader.",
+    ]
 
 
 def tiny_model(num_classes: int) -> nn.Module:
@@ -257,7 +327,7 @@ def report(args, device: torch.device, steps: dict, flops: tuple[float, float], 
     else:
         gpu_name, peak = gpu_peak
         if peak is None:
-            lines.append(f"\nGPU {gpu_name}: unknown GPU, no peak bf16 throughput to compare with.")
+            lines.append(f"\nGPU {gpu_name}: peak unknown (not in PEAK_BF16_TFLOPS), so no share of peak.")
         else:
             shares = ", ".join(
                 f"{name} {passes[name] * train_flops * args.batch_size / seconds / 1e12 / peak * 100:.1f} %"
@@ -280,6 +350,7 @@ def report(args, device: torch.device, steps: dict, flops: tuple[float, float], 
 
 
 def record(path: Path, device: torch.device, lines: list[str]) -> None:
+    """Append a section: date, device, torch version, the exact command, then ``lines``."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -299,24 +370,8 @@ def record(path: Path, device: torch.device, lines: list[str]) -> None:
     path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18", help="a fsam.models name, or 'tiny' (smoke test)")
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="off", choices=("off", "bf16", "fp16"))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours only)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--data-images", type=int, default=10_000, help="images in the generated data set")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
-    parser.add_argument("--record", type=Path, default=DEFAULT_RECORD, help="Markdown file the section is appended to")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-
+def bench_cifar(args, device: torch.device) -> list[str]:
+    """Whole steps of every method, FLOPs and the CIFAR data path, as report lines."""
     images, labels = generated_cifar(args.data_images, args.num_classes)
     pil_batches = torch.utils.data.DataLoader(
         PilCifar(images, labels, CIFAR100_MEAN, CIFAR100_STD), batch_size=args.batch_size, drop_last=True
@@ -327,7 +382,41 @@ def main() -> None:
     data = {"device-resident": bench_device_data(images, labels, args, device)}
     for workers in args.workers:
         data[f"DataLoader + PIL, {workers} workers"] = bench_dataloader(images, labels, args, device, workers)
-    lines = report(args, device, steps, flops, data)
+    return report(args, device, steps, flops, data)
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="cifar", choices=("cifar", "imagenet"),
+                        help="cifar: whole steps and the CIFAR data path; imagenet: the ImageNet loader only")
+    parser.add_argument("--model", default="resnet18", help="a fsam.models name, or 'tiny' (smoke test)")
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="off", choices=("off", "bf16", "fp16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours only)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-images", type=int, default=None,
+                        help="images in the generated data set (default: 10000 CIFAR images, 512 JPEGs)")
+    parser.add_argument("--jpeg-size", type=int, default=256, help="--data imagenet: side of the generated JPEGs")
+    parser.add_argument("--image-size", type=int, default=224, help="--data imagenet: side of the training crops")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--record", type=Path, default=DEFAULT_RECORD, help="Markdown file the section is appended to")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.data == "imagenet":
+        args.data_images = args.data_images or 512
+        with tempfile.TemporaryDirectory() as folder:
+            mean_kib = generated_imagefolder(Path(folder), args.data_images, args.jpeg_size)
+            rates = {workers: bench_imagefolder(Path(folder), args, device, workers) for workers in args.workers}
+        lines = imagenet_report(args, device, mean_kib, rates)
+    else:
+        args.data_images = args.data_images or 10_000
+        lines = bench_cifar(args, device)
     print("\n".join(lines))
     record(args.record, device, lines)
     print(f"\nappended to {args.record}")

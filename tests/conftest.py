@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from datagen import write_cifar_archive
 
@@ -21,6 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"name": "pyramidnet110", "kwargs": {"depth": 8, "alpha": 4, "bottleneck": False}}
 # model.kwargs is an empty mapping in the model configs: Hydra adds keys to it with "+".
 TINY_MODEL_CLI = ["model=pyramidnet110", "+model.kwargs.depth=8", "+model.kwargs.alpha=4", "+model.kwargs.bottleneck=false"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        reason = f"needs a CUDA GPU: this torch ({torch.__version__}) is a CPU-only build"
+    else:
+        reason = f"needs a CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -26,3 +26,15 @@ def test_bench_train_prints_every_ratio_and_appends_its_section_to_the_record(tm
     text = record.read_text()
     assert text.startswith("# Benchmarks") and "Not measured on a GPU yet" in text
     assert "--record" in text and "| F-SAM/SAM |" in text
+
+
+def test_bench_train_measures_the_imagenet_loader_on_generated_jpegs(tmp_path):
+    record = tmp_path / "benchmarks.md"
+    command = [
+        sys.executable, str(SCRIPT), "--data", "imagenet", "--data-images", "8", "--jpeg-size", "64",
+        "--image-size", "32", "--batch-size", "4", "--rounds", "1", "--workers", "0", "--record", str(record),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "| FolderLoader, 0 workers |" in result.stdout and "8 generated JPEGs of 64 x 64 px" in result.stdout
+    assert "--data imagenet" in record.read_text()

@@ -547,11 +547,14 @@ def test_batchnorm_statistics_come_from_the_clean_pass_only(method):
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_disable_running_stats_restores_the_flag_after_an_error():
+def test_disable_running_stats_puts_the_statistics_back_after_an_error():
     model = small_bn_net()
+    before = copy.deepcopy(model[1].state_dict())
     with pytest.raises(RuntimeError):
         with disable_running_stats(model):
+            model(batches(1)[0][0])
             raise RuntimeError("boom")
+    assert_identical(model[1].state_dict(), before)
     assert model[1].track_running_stats
 
 

@@ -8,6 +8,7 @@ synchronised). A training loop calls it the same way for every method.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -64,17 +65,29 @@ class Precision:
 @contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
     """Batch-norm layers normalise with batch statistics but leave their running statistics (and
-    ``num_batches_tracked``) untouched inside this block. Used for the perturbed pass."""
-    switched = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    for m in switched:
-        m.track_running_stats = False
+    ``num_batches_tracked``) as they were before this block. Used for the perturbed pass.
+
+    The statistics are saved and copied back into the same storage afterwards, rather than switched off with
+    ``track_running_stats``: under ``torch.compile`` a module attribute that changes between the two passes
+    fails the compiled graph's guards, so the model would be compiled twice and checked against both graphs at
+    every pass. Saving and restoring are one foreach copy each per dtype.
+    """
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for statistic in (module.running_mean, module.running_var, module.num_batches_tracked):
+                if statistic is not None:
+                    by_kind[(statistic.device, statistic.dtype)].append(statistic)
+    saved = {kind: [torch.empty_like(s) for s in statistics] for kind, statistics in by_kind.items()}
+    with torch.no_grad():
+        for kind, statistics in by_kind.items():
+            torch._foreach_copy_(saved[kind], statistics)
     try:
         yield
     finally:
-        for m in switched:
-            m.track_running_stats = True
+        with torch.no_grad():
+            for kind, statistics in by_kind.items():
+                torch._foreach_copy_(statistics, saved[kind])
 
 
 def _accumulate(
