@@ -114,3 +114,32 @@ def test_gpu_hours_come_from_gpu_measurements_of_the_same_model_method_batch_and
     assert "vgg16_bn_release (batch 128, precision off, 32 px)" in line
     bf16 = module.compose_cells([["experiment=paper_cifar100_resnet18_sam", "trainer.amp=bf16"]])
     assert module.gpu_hours(bf16, measured).startswith("GPU-hours: not measured for 1 of 1 runs")
+
+
+def documented_sweeps() -> list[tuple[str, list[str]]]:
+    """Every ``python train.py -m ...`` command in README.md, docs/ and the config comments, as (where, overrides),
+    continuation lines joined; Hydra's own settings and the launcher choice left out (they do not name folders)."""
+    import re
+
+    sweeps = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "configs").rglob("*.yaml"))]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())
+        for match in re.finditer(r"python train\.py -m ([^\n#`]*)", text):
+            overrides = [item for item in match.group(1).split()
+                         if "=" in item and not item.startswith(("hydra.", "hydra/", "-"))]
+            sweeps.append((f"{path.relative_to(REPO)}: {match.group(0).strip()}", overrides))
+    return sweeps
+
+
+def test_every_documented_sweep_trains_each_combination_in_its_own_folder():
+    """A sweep a reader copies from the docs must compute what its comma lists say: an experiment file that sets
+    optimizer.name itself would turn ``optimizer=sgd,sam,fsam`` into three F-SAM runs sharing one folder."""
+    module = reproduce_module()
+    sweeps = documented_sweeps()
+    assert len(sweeps) >= 5
+    for where, overrides in sweeps:
+        if not any("," in item for item in overrides) or any("${" in item or "<" in item for item in overrides):
+            continue
+        cells = module.expand(overrides)
+        folders = {module.run_folder(cell) for cell in cells}
+        assert len(folders) == len(cells), f"{where}: {len(cells)} combinations train in {len(folders)} folders"
