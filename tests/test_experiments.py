@@ -61,12 +61,13 @@ def test_a_setting_file_is_what_its_name_says(option):
 
 @pytest.mark.parametrize("option", [name for name in SETTINGS if name.startswith("paper_cifar")
                                     and "deit" not in name and name != "paper_cifar100_resnet18"])
-def test_the_paper_cifar_files_use_the_release_recipe_networks_and_float32(option):
+def test_the_paper_cifar_files_use_the_release_recipe_networks_last_batch_and_float32(option):
     config = load_config(composed(option))
     assert config.model.kwargs.get("init") == "release"
     assert (config.trainer.epochs, config.trainer.batch_size, config.trainer.amp) == (200, 128, "off")
     assert (config.optimizer.base, config.optimizer.lr, config.optimizer.weight_decay) == ("sgd", 0.05, 0.001)
     assert config.schedule.name == "cosine" and config.dataset.augment.cutout
+    assert not config.dataset.drop_last  # 391 steps per epoch, as the release
     expected_rho = {"sam": 0.2, "fsam": 0.2, "asam": 0.5 if "cifar10_" in option else 1.0}
     expected_rho["fasam"] = expected_rho["asam"]
     if config.optimizer.name in expected_rho:
