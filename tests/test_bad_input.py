@@ -218,6 +218,17 @@ CASES = {
         lambda tmp_path, tiny_cli: ["-m", *tiny_cli, "model.kwargs.depth=abc,8"],
         "model.kwargs.depth='abc' is not allowed",
     ),
+    "validation split too large": Case(
+        args("dataset.val_split=64"), "dataset.val_split=64 leaves no training examples (there are 64): hold out fewer"
+    ),
+    "last batch of one example": Case(
+        args("dataset.drop_last=false", "trainer.batch_size=21"),
+        "dataset.drop_last=false leaves a last batch of 1 example (64 per process, batch 21)",
+    ),
+    "search without a validation split": Case(
+        lambda tmp_path, tiny_cli: ["-m", "experiment=tune_digits", "hydra.sweeper.n_trials=1", "dataset.val_split=0"],
+        "hydra/sweeper=optuna maximises validation top-1, and this run has no validation split: add dataset.val_split=N",
+    ),
     "run_dir is a file": Case(a_file_as("run_dir"), "is a file, not a folder"),
     "run_dir is empty": Case(args("run_dir="), "run_dir='' is not allowed: must not be empty"),
     # --- data ------------------------------------------------------------------------------------------------
