@@ -25,6 +25,9 @@ class DataBundle:
     ``mean``, ``std``: the per-channel normalisation of the [0, 1] pixels. ``info``: plain values for the run's
     records: ``dataset``, ``num_classes``, ``image_size``, ``num_train`` (after ``train_subset``), ``num_test``,
     ``train_per_rank`` and ``label_noise`` (see :func:`fsam.data.noise.corrupt_labels`).
+    ``train_in_order``: the training split as the full-batch gradient sees it (:func:`fsam.optim.full_gradient`):
+    every example once, in order, without augmentation, with the training labels (noisy ones included), in batches
+    of the training batch size, this process's contiguous block of it; None for ImageNet.
     """
 
     train: Any
@@ -34,6 +37,7 @@ class DataBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     info: dict[str, Any]
+    train_in_order: Any = None
 
 
 @dataclass
@@ -126,18 +130,21 @@ def build_data(
     )
     from fsam.data.loaders import DeviceLoader
 
-    def loader(images: np.ndarray, labels: torch.Tensor, train: bool) -> DeviceLoader:
+    def loader(images: torch.Tensor, labels: torch.Tensor, train: bool, batch: int) -> DeviceLoader:
         return DeviceLoader(
-            torch.from_numpy(images).to(device), labels.to(device), batch_size=batch_size if train else eval_batch_size,
-            augment_spec=augment, mean=arrays.mean, std=arrays.std, seed=seed, train=train, rank=rank,
-            world_size=world_size, image_size=image_size, channels_last=channels_last,
+            images, labels.to(device), batch_size=batch, augment_spec=augment, mean=arrays.mean, std=arrays.std,
+            seed=seed, train=train, rank=rank, world_size=world_size, image_size=image_size,
+            channels_last=channels_last,
         )
 
-    train = loader(train_images, noisy_labels, train=True)
-    test = loader(arrays.test_images, torch.from_numpy(arrays.test_labels), train=False)
+    train_on_device = torch.from_numpy(train_images).to(device)  # one copy on the device for both training views
+    train = loader(train_on_device, noisy_labels, train=True, batch=batch_size)
+    train_in_order = loader(train_on_device, noisy_labels, train=False, batch=batch_size)
+    test = loader(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels), train=False,
+                  batch=eval_batch_size)
     info = _info(name, arrays.num_classes, image_size, len(train_labels), len(arrays.test_labels), world_size,
                  noise_record)
-    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info)
+    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, train_in_order)
 
 
 def _read_arrays(
