@@ -19,6 +19,7 @@ from fsam.config import load_config
 from fsam.engine import run
 from fsam.errors import ConfigError
 from fsam.optim import FSAM, SAM, agreement, create_optimizer, full_gradient
+from fsam.report.figures import ema_agreement
 from fsam.report.runs import load_runs
 from fsam.runfolder import FREE_KEYS, setting, setting_name
 
@@ -189,6 +190,9 @@ def test_measuring_the_ema_changes_no_weight_and_records_cosine_and_relative_err
     records = [record for row in rows for record in row["analysis"]]
     assert [record["step"] for record in records] == list(range(1, measured["global_steps"]))
     assert all(-1.0 <= record["ema_cosine"] <= 1.0 and record["ema_relative_error"] >= 0 for record in records)
+    assert ema_agreement(load_runs(tmp_path / "plain"), tmp_path / "figures") == []
+    drawn = ema_agreement(load_runs(tmp_path / "measured"), tmp_path / "figures")
+    assert [path.suffix for path in drawn] == [".png", ".pdf"] and all(path.stat().st_size for path in drawn)
 
 
 def test_sam_with_an_analysis_direction_trains_and_states_the_cost_of_its_full_gradient(tiny_config, tmp_path):
