@@ -23,6 +23,8 @@ from fsam.report.figures import ema_agreement
 from fsam.report.runs import load_runs
 from fsam.runfolder import FREE_KEYS, setting, setting_name
 
+from conftest import metrics_of, stop_at_call, without_times
+
 REPO = Path(__file__).resolve().parents[1]
 RHO = 0.5
 
@@ -202,6 +204,27 @@ def test_sam_with_an_analysis_direction_trains_and_states_the_cost_of_its_full_g
     assert summary["full_gradient_passes_per_step"] == 2.0
     (row,) = load_runs(Path(summary["run_dir"]).parent).to_dict("records")
     assert row["optimizer"] == "sam-noise-only"
+
+
+@pytest.mark.parametrize("changes", [
+    {"optimizer": {"name": "sam", "perturbation": "noise", "full_grad_every": 4}},
+    {"optimizer": {"name": "fsam"}, "trainer": {"full_grad_analysis_every": 1}},
+], ids=["sam-noise", "fsam-measured"])
+def test_a_run_killed_mid_epoch_resumes_with_its_full_gradient_and_measurements(tiny_config, tmp_path, monkeypatch,
+                                                                                  changes):
+    changes = {**changes, "trainer": {**changes.get("trainer", {}), "checkpoint_every_steps": 2}}
+    run(tiny_config(run_dir=str(tmp_path / "reference"), **changes))
+    interrupted = tiny_config(run_dir=str(tmp_path / "interrupted"), **changes)
+    # the last checkpoint is after step 6, in epoch 2: SAM's full gradient is the one of step 4, F-SAM's
+    # measurements of steps 4 and 5 are waiting for the end of the epoch
+    stop_at_call(monkeypatch, 7, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted)
+    monkeypatch.undo()
+    run(interrupted)
+    assert without_times(metrics_of(tmp_path / "interrupted")) == without_times(metrics_of(tmp_path / "reference"))
+    resumed, straight = checkpoint_weights(tmp_path / "interrupted"), checkpoint_weights(tmp_path / "reference")
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
 
 
 # ---------------------------------------------------------------------------------- config and identity
