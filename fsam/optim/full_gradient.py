@@ -50,6 +50,7 @@ def full_gradient(
       ``torch.autograd.grad``), BatchNorm's running statistics, the model's train/eval mode and the random state
       (forked around the passes, so dropout draws nothing from the training's stream) are as before. Training
       with and without this call in between is bit-identical.
+    * Full precision: no autocast, whatever ``trainer.amp`` the training uses (f is a reference to compare with).
 
     Args:
         model: the network, not wrapped in DDP (the sums are reduced by ``all_reduce_sum`` instead).
