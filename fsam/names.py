@@ -6,6 +6,9 @@ second, not the several seconds torch takes to load. Each package that implement
 """
 
 METHODS = ("sgd", "sam", "asam", "fsam", "fasam")
+# SAM's ascent direction for the paper's Figure-1 analysis: the minibatch gradient g (ordinary SAM), the full-batch
+# gradient alone, or the part of g orthogonal to it (docs/algorithm.md, "The perturbation's two parts").
+PERTURBATIONS = ("minibatch", "full", "noise")
 BASE_OPTIMIZERS = ("sgd", "adamw")
 PRECISION_MODES = ("bf16", "fp16", "off")
 # fsam.models.available_models(): the CIFAR-stem models written here and the short names of timm models

@@ -69,6 +69,7 @@ FREE_KEYS = (
     "trainer.eval_batch_size",         # evaluation in eval mode: the batch size does not change the model
     "trainer.log_every",               # progress-bar and wandb cadence
     "trainer.checkpoint_every_steps",  # checkpoint cadence
+    "trainer.full_grad_analysis_every",  # measures F-SAM's EMA against the full gradient; changes no weight
 )
 SEED_KEY = "trainer.seed"  # not in the setting (seeds of one setting are averaged), but a run is one seed
 # Keys added to the config after this identity version, and the value that computes what runs did before they
@@ -78,17 +79,18 @@ ADDED_KEYS = {
     "dataset.val_split": 0,
     "dataset.val_seed": 0,
     "dataset.drop_last": True,
+    "optimizer.perturbation": "minibatch",
 }
 
 # The optimizer keys each method reads; the others are left out of its setting (SGD with another rho is the same run).
 METHOD_KEYS = {
     "sgd": (),
-    "sam": ("rho",),
+    "sam": ("rho", "perturbation", "full_grad_every"),
     "asam": ("rho", "eta"),
     "fsam": ("rho", "sigma", "lmbda", "ema_order"),
     "fasam": ("rho", "sigma", "lmbda", "ema_order", "eta"),
 }
-SAM_FAMILY_KEYS = ("rho", "sigma", "lmbda", "eta", "ema_order")
+SAM_FAMILY_KEYS = ("rho", "sigma", "lmbda", "eta", "ema_order", "perturbation", "full_grad_every")
 BASE_KEYS = {"sgd": ("momentum", "nesterov"), "adamw": ("betas",)}
 
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "hydra-core", "omegaconf", "wandb", "fsam")
@@ -183,6 +185,8 @@ def unused_keys(plain: Mapping[str, Any], processes: int = 1) -> list[str]:
     unused += [f"optimizer.{key}" for base, keys in BASE_KEYS.items() if base != optimizer["base"] for key in keys]
     if optimizer["name"] in ("fsam", "fasam") and optimizer["sigma"] == 1.0 and optimizer["lmbda"] > 0:
         unused.append("optimizer.ema_order")  # at sigma = 1 the orders' directions differ by the factor lmbda only
+    if optimizer["perturbation"] == "minibatch":
+        unused.append("optimizer.full_grad_every")  # only the analysis directions use the full gradient
     if schedule["name"] != "multistep":
         unused += ["schedule.milestones", "schedule.gamma"]
     if schedule["warmup_epochs"] == 0:
@@ -244,6 +248,8 @@ def setting_name(setting_record: Mapping[str, Any]) -> str:
         parts.append(f"{dataset['noise']['kind']}{100 * dataset['noise']['ratio']:g}")
     model = setting_record["model"]
     parts += [model_label(model["name"], model["kwargs"]), setting_record["optimizer"]["name"]]
+    if setting_record["optimizer"].get("perturbation", "minibatch") != "minibatch":
+        parts[-1] += f"_{setting_record['optimizer']['perturbation']}"  # sam_full, sam_noise
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("_")
     return f"{readable}-{digest(setting_record)[:DIGEST_LENGTH]}"
 

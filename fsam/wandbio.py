@@ -33,8 +33,9 @@ EPOCH_KEYS = {
 
 
 def epoch_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics.jsonl row as wandb keys (unknown keys keep their name)."""
-    return {EPOCH_KEYS.get(key, key): value for key, value in row.items() if key != "step"}
+    """A metrics.jsonl row as wandb keys (unknown keys keep their name). The epoch's ``analysis`` measurements are
+    left out: they went to wandb at their own steps (``analysis/...``)."""
+    return {EPOCH_KEYS.get(key, key): value for key, value in row.items() if key not in ("step", "analysis")}
 
 
 def resolve_mode(mode: str) -> tuple[str, str | None]:

@@ -1,5 +1,5 @@
 """Figures from run folders: learning curves per method (mean and a band over seeds), the λ × σ heatmap of F-SAM,
-accuracy against the label-noise rate; PNG and PDF into results/figures/.
+accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into results/figures/.
 
     python train.py experiment=quickstart && python scripts/plot.py runs/    # the quick start's curves
     python scripts/plot.py runs/ --metric final_top1 --out-dir results/figures
@@ -16,7 +16,7 @@ from pathlib import Path
 from fsam.errors import FsamError
 from fsam.report import summarise
 from fsam.report.runs import runs_under
-from fsam.report.figures import lambda_sigma_heatmap, learning_curves, noise_plot
+from fsam.report.figures import ema_agreement, lambda_sigma_heatmap, learning_curves, noise_plot
 from fsam.report.tables import METRICS
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -41,11 +41,13 @@ def main() -> int:
         "learning curves": curves,
         "λ × σ heatmap": lambda_sigma_heatmap(summary, args.out_dir, args.metric),
         "accuracy against label noise": noise_plot(summary, args.out_dir, args.metric),
+        "F-SAM's EMA against the full gradient": ema_agreement(runs, args.out_dir),
     }
     why_not = {
         "learning curves": "no run has metrics yet",
         "λ × σ heatmap": "needs finished F-SAM runs at two or more values of λ or σ",
         "accuracy against label noise": "needs finished runs with dataset.noise.kind set",
+        "F-SAM's EMA against the full gradient": "needs an F-SAM run trained with trainer.full_grad_analysis_every",
     }
     for note in notes:
         print(note)

@@ -109,6 +109,18 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
           "optimizer.rho=0.05,0.1,0.2,0.3,0.4,0.5"]],
     ),
 }
+# The paper's Figure-1 analysis: SAM's ascent along the minibatch gradient, the full-batch gradient alone, or the
+# minibatch gradient's part orthogonal to it (docs/algorithm.md, "The perturbation's two parts").
+GRIDS["figure1"] = (
+    "the paper's Figure 1: SAM (rho 0.2) on the released CIFAR-100 ResNet-18 recipe, perturbed along the minibatch "
+    "gradient, the full gradient only, or the noise part only (experiment=paper_figure1_cifar100_resnet18)",
+    [["experiment=paper_figure1_cifar100_resnet18", "optimizer.perturbation=minibatch,full,noise"]],
+)
+GRIDS["figure1_digits"] = (
+    "the paper's Figure-1 analysis on digits at quick-start size: SAM (rho 0.2) perturbed along the minibatch "
+    "gradient, the full gradient only, or the noise part only (experiment=figure1_digits, 10 epochs)",
+    [["experiment=figure1_digits", "optimizer.perturbation=minibatch,full,noise"]],
+)
 PAPER_GRIDS = ("cifar10", "cifar100", "label_noise", "imagenet", "vit", "ablation_lambda_sigma", "ablation_rho")
 GRIDS["all"] = (
     "every paper grid: " + ", ".join(PAPER_GRIDS) + " (a run two grids share trains once)",

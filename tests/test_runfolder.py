@@ -73,6 +73,8 @@ OTHER_VALUE = {
     "optimizer.eta": 0.01,  # with name fasam (below)
     "optimizer.ema_order": "paper",  # with sigma 0.5 (below)
     "optimizer.no_decay_norm_and_bias": True,
+    "optimizer.perturbation": "noise",  # with name sam (below)
+    "optimizer.full_grad_every": 100,  # with name sam and perturbation full (below)
     "schedule.name": "multistep",
     "schedule.warmup_epochs": 5.0,
     "schedule.warmup_lr": 0.01,  # with warmup_epochs 5 (below)
@@ -98,6 +100,7 @@ OTHER_VALUE = {
     "trainer.checkpoint_every_steps": 500,
     "trainer.label_smoothing": 0.1,
     "trainer.sync_clean_pass": True,  # with 2 processes (below)
+    "trainer.full_grad_analysis_every": 5,
 }
 # What a key needs beside it to be read at all (a key nobody reads is rightly not part of the setting).
 CONTEXT = {
@@ -106,6 +109,8 @@ CONTEXT = {
     "optimizer.betas": {"optimizer.base": "adamw"},
     "optimizer.eta": {"optimizer.name": "fasam"},
     "optimizer.ema_order": {"optimizer.sigma": 0.5},
+    "optimizer.perturbation": {"optimizer.name": "sam"},
+    "optimizer.full_grad_every": {"optimizer.name": "sam", "optimizer.perturbation": "full"},
     "schedule.warmup_lr": {"schedule.warmup_epochs": 5.0},
     "schedule.milestones": {"schedule.name": "multistep"},
     "schedule.gamma": {"schedule.name": "multistep"},

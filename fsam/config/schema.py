@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from fsam.data import DATASETS, NOISE_KINDS
-from fsam.names import BASE_OPTIMIZERS, METHODS, PRECISION_MODES
+from fsam.names import BASE_OPTIMIZERS, METHODS, PERTURBATIONS, PRECISION_MODES
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ class OptimizerConfig:
 
     ``rho``, ``sigma``, ``lmbda``, ``eta`` and ``ema_order`` are present for every method and used only by the
     methods that have them (``sgd`` ignores all five).
+
+    ``perturbation`` (``sam`` only; the paper's Figure-1 analysis): ``minibatch`` is SAM; ``full`` perturbs along
+    the full-batch gradient, ``noise`` along the minibatch gradient's part orthogonal to it. The full gradient is
+    computed exactly over the training set every ``full_grad_every`` steps (read by ``full`` and ``noise`` only):
+    one extra pass over the training set, i.e. (N / batch) / ``full_grad_every`` extra forward+backward passes per
+    step on average.
     """
 
     name: str = setting("fsam", one_of(*METHODS))
@@ -147,6 +153,8 @@ class OptimizerConfig:
     lmbda: float = setting(0.6, within(0.0, 1.0, include_high=False))
     eta: float = setting(0.0, at_least(0.0))
     ema_order: str = setting("code", one_of("code", "paper"))
+    perturbation: str = setting("minibatch", one_of(*PERTURBATIONS))
+    full_grad_every: int = setting(390, at_least(1))
     no_decay_norm_and_bias: bool = False
 
 
@@ -186,7 +194,9 @@ class TrainerConfig:
     autocast is slower than float32 there), with a one-line note. ``eval_batch_size`` null means
     ``batch_size``. ``checkpoint_every_steps`` 0 checkpoints at epoch ends only. ``log_every`` is in steps (the
     progress bar's loss and wandb's step records). ``sync_clean_pass``: DDP only, see
-    :func:`fsam.optim.train_step`.
+    :func:`fsam.optim.train_step`. ``full_grad_analysis_every``: F-SAM only, logging only (0: off): every that
+    many steps, compute the exact full-batch gradient and record how well the EMA estimates it (cosine and relative
+    error, in the epoch's ``analysis`` entry of metrics.jsonl and wandb's ``analysis/``); training is unchanged.
     """
 
     epochs: int = setting(200, at_least(1))
@@ -202,6 +212,7 @@ class TrainerConfig:
     checkpoint_every_steps: int = setting(0, at_least(0))
     label_smoothing: float = setting(0.0, within(0.0, 1.0, include_high=False))
     sync_clean_pass: bool = False
+    full_grad_analysis_every: int = setting(0, at_least(0))
 
 
 @dataclass(frozen=True)

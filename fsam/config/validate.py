@@ -134,6 +134,19 @@ def _check_across_keys(run: RunConfig) -> None:
             f"schedule.warmup_epochs={run.schedule.warmup_epochs:g} is not allowed with trainer.epochs="
             f"{trainer.epochs}: must be smaller than the number of epochs"
         )
+    optimizer = run.optimizer
+    if optimizer.perturbation != "minibatch" and optimizer.name != "sam":
+        raise ConfigError(
+            f"optimizer.perturbation={optimizer.perturbation!r} is not allowed with optimizer.name="
+            f"{optimizer.name!r}: the analysis directions belong to sam (use optimizer=sam, or perturbation=minibatch)"
+        )
+    if run.dataset.name == "imagenet" and (optimizer.perturbation != "minibatch" or trainer.full_grad_analysis_every):
+        key, value = (("optimizer.perturbation", repr(optimizer.perturbation)) if optimizer.perturbation != "minibatch"
+                      else ("trainer.full_grad_analysis_every", trainer.full_grad_analysis_every))
+        raise ConfigError(
+            f"{key}={value} is not allowed with dataset.name='imagenet': the exact full-batch gradient is computed "
+            "for the device-resident data sets only (cifar10, cifar100, digits)"
+        )
     if run.schedule.name != "multistep" and run.schedule.milestones:
         raise ConfigError(
             f"schedule.milestones={run.schedule.milestones} is not allowed with schedule.name="

@@ -26,6 +26,9 @@ class DataBundle:
     ``mean``, ``std``: the per-channel normalisation of the [0, 1] pixels. ``info``: plain values for the run's
     records: ``dataset``, ``num_classes``, ``image_size``, ``num_train`` (after ``train_subset`` and ``val_split``),
     ``num_val``, ``num_test``, ``train_per_rank`` and ``label_noise`` (see :func:`fsam.data.noise.corrupt_labels`).
+    ``train_in_order``: the training split as the full-batch gradient sees it (:func:`fsam.optim.full_gradient`):
+    every example once, in order, without augmentation, with the training labels (noisy ones included), in batches
+    of the training batch size, this process's contiguous block of it; None for ImageNet.
     """
 
     train: Any
@@ -36,6 +39,7 @@ class DataBundle:
     std: tuple[float, float, float]
     info: dict[str, Any]
     val: Any = None
+    train_in_order: Any = None
 
 
 _Split = tuple[Any, np.ndarray]  # examples (uint8 images or file paths) and their int64 labels
@@ -144,19 +148,25 @@ def build_data(
     )
     from fsam.data.loaders import DeviceLoader
 
-    def loader(images: np.ndarray, labels: torch.Tensor, train: bool) -> DeviceLoader:
+    def loader(images: torch.Tensor, labels: torch.Tensor, train: bool, batch: int) -> DeviceLoader:
         return DeviceLoader(
-            torch.from_numpy(images).to(device), labels.to(device), batch_size=batch_size if train else eval_batch_size,
-            augment_spec=augment, mean=arrays.mean, std=arrays.std, seed=seed, train=train, rank=rank,
-            world_size=world_size, image_size=image_size, channels_last=channels_last, drop_last=drop_last,
+            images, labels.to(device), batch_size=batch, augment_spec=augment, mean=arrays.mean, std=arrays.std,
+            seed=seed, train=train, rank=rank, world_size=world_size, image_size=image_size,
+            channels_last=channels_last, drop_last=drop_last,
         )
 
-    train = loader(train_images, noisy_labels, train=True)
-    test = loader(arrays.test_images, torch.from_numpy(arrays.test_labels), train=False)
-    val = loader(held_out[0], torch.from_numpy(held_out[1]), train=False) if val_split else None
+    train_on_device = torch.from_numpy(train_images).to(device)  # one copy on the device for both training views
+    train = loader(train_on_device, noisy_labels, train=True, batch=batch_size)
+    train_in_order = loader(train_on_device, noisy_labels, train=False, batch=batch_size)
+    test = loader(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels), train=False,
+                  batch=eval_batch_size)
+    val = None
+    if val_split:
+        val = loader(torch.from_numpy(held_out[0]).to(device), torch.from_numpy(held_out[1]), train=False,
+                     batch=eval_batch_size)
     info = _info(name, arrays.num_classes, image_size, len(train_labels), len(arrays.test_labels), world_size,
                  noise_record, val_split)
-    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, val)
+    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, val, train_in_order)
 
 
 def _read_arrays(

@@ -36,7 +36,7 @@ from fsam.engine.schedule import create_schedule
 from fsam.engine.wandb_mirror import WandbMirror, new_run_id
 from fsam.errors import CheckpointError, DataError, DivergedError, FsamError
 from fsam.models import check_forward, create_model
-from fsam.optim import SAM, Precision, create_optimizer, train_step
+from fsam.optim import FSAM, SAM, Precision, agreement, create_optimizer, full_gradient, train_step
 from fsam.runfolder import (
     RunFolder, RunFolderError, command_line, default_run_dir, differences, git_commit, identity_record, model_kwargs,
     model_label, now_iso, package_versions, run_key,
@@ -58,6 +58,7 @@ class Progress:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0  # over all launches, up to the last checkpoint
     wandb_id: str = field(default_factory=new_run_id)
+    analysis: list[dict[str, Any]] = field(default_factory=list)  # the epoch's EMA-vs-full-gradient measurements
 
 
 @dataclass
@@ -215,8 +216,15 @@ class _Trainer:
         self.optimizer = create_optimizer(
             self.model, opt.name, base=opt.base, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
             weight_decay=opt.weight_decay, betas=opt.betas, rho=opt.rho, sigma=opt.sigma, lmbda=opt.lmbda,
-            eta=opt.eta, ema_order=opt.ema_order, no_decay_norm_and_bias=opt.no_decay_norm_and_bias,
+            eta=opt.eta, ema_order=opt.ema_order, perturbation=opt.perturbation,
+            no_decay_norm_and_bias=opt.no_decay_norm_and_bias,
         )
+        # Steps between exact full-batch gradients: for SAM's analysis directions, and for measuring F-SAM's EMA.
+        self.full_grad_every = opt.full_grad_every if opt.perturbation != "minibatch" else 0
+        self.analysis_every = trainer.full_grad_analysis_every if isinstance(self.optimizer, FSAM) else 0
+        if trainer.full_grad_analysis_every and not self.analysis_every:
+            self.say(f"note: trainer.full_grad_analysis_every measures F-SAM's EMA; {opt.name} has none, so nothing "
+                     "is measured")
         self.steps_per_epoch = len(self.data.train)
         self.schedule = create_schedule(
             self.optimizer, config.schedule, lr=opt.lr, steps_per_epoch=self.steps_per_epoch, epochs=trainer.epochs
@@ -304,6 +312,7 @@ class _Trainer:
             "wall_time_s": progress.wall_time_s + self._elapsed(),
             "rng": capture_rng(),
             "wandb_id": progress.wandb_id,
+            "analysis": progress.analysis,
             "config": to_plain(self.config),
             "processes": self.info.world_size,
         }
@@ -364,7 +373,7 @@ class _Trainer:
         self.progress = Progress(
             epoch=state["epoch"], batch=state["batch"], global_step=state["global_step"],
             best_top1=state["best_top1"], best_epoch=state["best_epoch"], metrics=list(state["metrics"]),
-            wall_time_s=state["wall_time_s"], wandb_id=state["wandb_id"],
+            wall_time_s=state["wall_time_s"], wandb_id=state["wandb_id"], analysis=list(state.get("analysis", [])),
         )
         replicas = state.get("replicas")
         if self.info.distributed and replicas:  # the same number of processes: the run key includes it
@@ -397,6 +406,11 @@ class _Trainer:
             f"{self.identity['model']['label']}: {config.trainer.epochs} epochs of {self.steps_per_epoch} steps on "
             f"{self.device} (amp {self.amp}){f', from {where}' if self.resumed else ''}; records in {self.folder.path}"
         )
+        for every, purpose in ((self.full_grad_every, "for the perturbation"),
+                               (self.analysis_every, "to measure the EMA against")):
+            if every:
+                self.say(f"full-batch gradient every {every} steps {purpose}: {self._full_gradient_cost(every):.3g} "
+                         "extra forward+backward passes per step on average (a SAM step does 2)")
         if self.info.is_main:
             self.mirror.start({**to_plain(config), "identity": self.identity}, resumed=self.resumed)
         try:
@@ -435,6 +449,7 @@ class _Trainer:
         )
         started = time.perf_counter()
         for inputs, targets in self.data.train.iterate(progress.epoch, start_batch=progress.batch):
+            self._full_gradient_work()
             out = train_step(
                 self.train_model, inputs, targets, self.loss_fn, self.optimizer, precision=self.precision,
                 micro_batches=trainer.micro_batches, sync_clean_pass=trainer.sync_clean_pass,
@@ -468,6 +483,32 @@ class _Trainer:
         self._check_finite()
         totals.train_time_s += time.perf_counter() - started
         self._end_epoch()
+
+    def _full_gradient_cost(self, every: int) -> float:
+        """Extra forward+backward passes per step, on average, of one pass over the training set every ``every``
+        steps: (batches in the training set) / ``every``, i.e. (N / batch) / K."""
+        return len(self.data.train_in_order) / every
+
+    def _full_gradient_work(self) -> None:
+        """Before the step: refresh SAM's full gradient every ``optimizer.full_grad_every`` steps, and measure
+        F-SAM's EMA (the one this step's direction uses) against it every ``trainer.full_grad_analysis_every``."""
+        step = self.progress.global_step
+        refresh = self.full_grad_every and step % self.full_grad_every == 0
+        measure = self.analysis_every and step % self.analysis_every == 0 and step > 0  # no EMA before step 1
+        if not (refresh or measure):
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        full = full_gradient(self.model, self.data.train_in_order.iterate(0), self.loss_fn, params=params,
+                             all_reduce_sum=distributed.all_reduce_sum)
+        if refresh:
+            self.optimizer.set_full_gradient(full)
+        if measure:
+            measured = agreement(self.optimizer.ema_estimate(), full)
+            self.progress.analysis.append({"step": step, "ema_cosine": measured["cosine"],
+                                           "ema_relative_error": measured["relative_error"]})
+            if self.mirror.run is not None:
+                self.mirror.log({"analysis/ema_cosine": measured["cosine"],
+                                 "analysis/ema_relative_error": measured["relative_error"]}, step=step)
 
     def _log_steps(self, step_lr: float) -> None:
         """wandb: the mean training loss of the steps since the last point, and the learning rate of the last one."""
@@ -563,6 +604,8 @@ class _Trainer:
             "epoch_time_s": train_time,
             "wall_time_s": progress.wall_time_s + self._elapsed(),
         }
+        if self.analysis_every:
+            row["analysis"], progress.analysis = progress.analysis, []
         progress.metrics.append(row)
         is_best = progress.best_top1 is None or row["test_top1"] > progress.best_top1
         if is_best:
@@ -606,6 +649,8 @@ class _Trainer:
             "skipped_steps": sum(row["skipped_steps"] for row in progress.metrics),
             "seed": config.trainer.seed,
             "method": config.optimizer.name,
+            **({"full_gradient_passes_per_step": self._full_gradient_cost(self.full_grad_every)}
+               if self.full_grad_every else {}),
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
             "amp": self.amp,
             "world_size": self.info.world_size,

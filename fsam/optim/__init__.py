@@ -8,7 +8,8 @@
     optimizer.second_step()                # restore w, base optimizer steps
 """
 
-from fsam.optim.factory import BASE_OPTIMIZERS, METHODS, create_optimizer, param_groups
+from fsam.optim.factory import BASE_OPTIMIZERS, METHODS, PERTURBATIONS, create_optimizer, param_groups
+from fsam.optim.full_gradient import agreement, full_gradient
 from fsam.optim.sam import FSAM, SAM
 from fsam.optim.step import PRECISION_MODES, Precision, StepOutput, disable_running_stats, train_step
 
@@ -16,12 +17,15 @@ __all__ = [
     "BASE_OPTIMIZERS",
     "FSAM",
     "METHODS",
+    "PERTURBATIONS",
     "PRECISION_MODES",
     "Precision",
     "SAM",
     "StepOutput",
+    "agreement",
     "create_optimizer",
     "disable_running_stats",
+    "full_gradient",
     "param_groups",
     "train_step",
 ]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fsam.errors import ConfigError
-from fsam.names import BASE_OPTIMIZERS, METHODS
+from fsam.names import BASE_OPTIMIZERS, METHODS, PERTURBATIONS
 from fsam.optim.sam import FSAM, SAM
 
 
@@ -38,6 +38,7 @@ def create_optimizer(
     lmbda: float = 0.6,
     eta: float = 0.0,
     ema_order: str = "code",
+    perturbation: str = "minibatch",
     no_decay_norm_and_bias: bool = False,
 ) -> torch.optim.Optimizer:
     """Build a method around a base optimizer.
@@ -50,6 +51,8 @@ def create_optimizer(
         lr, momentum, nesterov, weight_decay, betas: the base optimizer's settings (momentum and nesterov for
             SGD, betas for AdamW).
         rho, sigma, lmbda, eta, ema_order: see :class:`SAM` and :class:`FSAM`.
+        perturbation: "sam" only: "minibatch" (SAM), "full" or "noise" (the Figure-1 analysis directions, see
+            :class:`SAM`; the caller provides the full-batch gradient with ``set_full_gradient``).
         no_decay_norm_and_bias: put parameters with fewer than 2 dimensions in a group without weight decay
             (needs a model).
     Returns:
@@ -59,6 +62,15 @@ def create_optimizer(
         raise ConfigError(f"optimizer.name={name!r} is not a method: choose one of {', '.join(METHODS)}")
     if base not in BASE_OPTIMIZERS:
         raise ConfigError(f"optimizer.base={base!r} is not a base optimizer: choose one of {', '.join(BASE_OPTIMIZERS)}")
+    if perturbation not in PERTURBATIONS:
+        raise ConfigError(
+            f"optimizer.perturbation={perturbation!r} is not allowed: use one of {', '.join(PERTURBATIONS)}"
+        )
+    if perturbation != "minibatch" and name != "sam":
+        raise ConfigError(
+            f"optimizer.perturbation={perturbation!r} is not allowed with optimizer.name={name!r}: the analysis "
+            "directions belong to sam (use optimizer.name=sam, or perturbation=minibatch)"
+        )
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(model_or_params, weight_decay, no_decay_norm_and_bias)
     else:
@@ -77,7 +89,7 @@ def create_optimizer(
         if name == "sgd":
             return base_optimizer
         if name in ("sam", "asam"):
-            return SAM(None, base_optimizer, rho=rho, adaptive=name == "asam", eta=eta)
+            return SAM(None, base_optimizer, rho=rho, adaptive=name == "asam", eta=eta, perturbation=perturbation)
         return FSAM(
             None, base_optimizer, rho=rho, sigma=sigma, lmbda=lmbda, ema_order=ema_order, adaptive=name == "fasam", eta=eta
         )

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from fsam.errors import CheckpointError
+from fsam.names import PERTURBATIONS
 
 _EPS = 1e-12
 _STATE_VERSION = 1
@@ -54,10 +55,16 @@ class SAM(torch.optim.Optimizer):
         rho: perturbation radius, >= 0 (SAM: 0.05-0.2 on CIFAR; ASAM wants 0.5-2.0).
         adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + eta``.
         eta: the ASAM offset added to ``|w|``, >= 0.
+        perturbation: what the ascent follows (the paper's Figure-1 analysis). ``"minibatch"``: the minibatch
+            gradient g (SAM). ``"full"``: the full-batch gradient f alone. ``"noise"``: the part of g orthogonal to
+            f, ``g - (g·f / ||f||²) f``. Both analysis directions are then normalised and scaled by ``rho`` like g,
+            and need f, given by :meth:`set_full_gradient` (see :func:`fsam.optim.full_gradient`) before the first
+            step and refreshed as often as the caller likes.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, weight_decay, ...).
 
     ``rho``, ``adaptive`` and ``eta`` are stored per param group and may differ between groups; the gradient
-    norm is always one global L2 norm over all parameters of all groups.
+    norm is always one global L2 norm over all parameters of all groups, and so is the projection of
+    ``perturbation="noise"``.
     """
 
     def __init__(
@@ -68,10 +75,16 @@ class SAM(torch.optim.Optimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.0,
+        perturbation: str = "minibatch",
         **base_kwargs: Any,
     ) -> None:
         _check_range("rho", rho, rho >= 0, ">= 0 (the perturbation radius)")
         _check_range("eta", eta, eta >= 0, ">= 0 (the ASAM offset added to |w|)")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"perturbation={perturbation!r} is not allowed: perturbation must be one of {', '.join(PERTURBATIONS)}"
+            )
+        self.perturbation = perturbation
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if params is not None or base_kwargs:
                 raise ValueError(
@@ -126,6 +139,58 @@ class SAM(torch.optim.Optimizer):
     def _revert_direction_state(self) -> None:
         """Undo what ``_make_direction`` changed in the optimizer state (nothing for SAM)."""
 
+    # ---------------------------------------------------------------------------- the full-batch gradient
+    @torch.no_grad()
+    def set_full_gradient(self, gradients: Iterable[torch.Tensor | None]) -> None:
+        """Keep ``gradients`` (one per parameter, in param-group order; None for a parameter without one) as the
+        full-batch gradient f that ``perturbation="full"`` and ``"noise"`` use until the next call.
+
+        Copied into one parameter-sized buffer per parameter (allocated on the first call, reused after), so the
+        caller may reuse its tensors.
+        """
+        params = self._ordered_params()
+        gradients = list(gradients)
+        if len(gradients) != len(params):
+            raise ValueError(
+                f"set_full_gradient() got {len(gradients)} gradients for {len(params)} parameters: give one per "
+                "parameter, in param-group order"
+            )
+        for p, gradient in zip(params, gradients):
+            if gradient is None:
+                self.state[p].pop("full_gradient", None)
+                continue
+            if gradient.shape != p.shape:
+                raise ValueError(
+                    f"set_full_gradient() got a gradient of shape {tuple(gradient.shape)} for a parameter of shape "
+                    f"{tuple(p.shape)}: give one per parameter, in param-group order"
+                )
+            buffer = self.state[p].get("full_gradient")
+            if buffer is None:
+                self.state[p]["full_gradient"] = gradient.detach().to(device=p.device, dtype=p.dtype).clone()
+            else:
+                buffer.copy_(gradient)
+
+    def _direction_from_full_gradient(self, params: list[torch.Tensor]) -> None:
+        """``p.grad`` (g) becomes f (``"full"``) or ``g - (g·f / ||f||²) f`` (``"noise"``), in place."""
+        missing = sum("full_gradient" not in self.state[p] for p in params)
+        if missing:
+            raise RuntimeError(
+                f"perturbation={self.perturbation!r} needs the full-batch gradient, and {missing} of {len(params)} "
+                "parameters have none: call set_full_gradient() before first_step()"
+            )
+        grads = [p.grad for p in params]
+        full = [self.state[p]["full_gradient"] for p in params]
+        if self.perturbation == "full":
+            torch._foreach_copy_(grads, full)
+            return
+        device = grads[0].device
+        dot = torch.stack([torch.sum(g * f, dtype=torch.float64).to(device) for g, f in zip(grads, full)]).sum()
+        squared_norm = self._global_norm(full).to(device).square()
+        # _EPS: a zero full gradient leaves g as it is (nothing to remove) instead of NaN weights.
+        coefficient = dot / (squared_norm + _EPS)
+        for g, f in zip(grads, full):
+            g.sub_(f * coefficient.to(g.device, g.dtype))
+
     # ----------------------------------------------------------------------------------------------- steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True, *, revertible: bool = False) -> None:
@@ -152,6 +217,8 @@ class SAM(torch.optim.Optimizer):
             )
         for group, params in buckets:
             self._make_direction(group, params, revertible)
+        if self.perturbation != "minibatch":
+            self._direction_from_full_gradient([p for _, params in buckets for p in params])
 
         # ASAM: T = |w| + eta is built in the saved-weights buffer before it takes its real contents.
         grads_of = {id(params): [p.grad for p in params] for _, params in buckets}
@@ -256,10 +323,25 @@ class SAM(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _method_state(self) -> dict[str, Any]:
-        return {}
+        """SAM keeps the full-batch gradient of the analysis directions, so a resumed run perturbs as before."""
+        if self.perturbation == "minibatch":
+            return {}
+        return {"full_gradient": [self.state[p]["full_gradient"].detach().clone() if "full_gradient" in self.state[p]
+                                  else None for p in self._ordered_params()]}
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
-        pass
+        if "full_gradient" not in state:
+            return
+        params = self._ordered_params()
+        if len(state["full_gradient"]) != len(params):
+            raise CheckpointError(
+                f"the SAM state holds a full-batch gradient for {len(state['full_gradient'])} parameter tensors, "
+                f"this model has {len(params)}: the checkpoint is from a different model"
+            )
+        try:
+            self.set_full_gradient(state["full_gradient"])
+        except ValueError as exc:
+            raise CheckpointError(f"the saved full-batch gradient does not fit this model: {exc}") from exc
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything a resumed run needs: the base optimizer's state, the method's state and step count.
@@ -384,6 +466,12 @@ class FSAM(SAM):
                 [self.state[p]["ema"] for p in self._backed_up], [self.state[p]["ema_backup"] for p in self._backed_up]
             )
         self._fresh_this_step, self._backed_up = [], []
+
+    def ema_estimate(self) -> list[torch.Tensor | None]:
+        """The EMA m of the raw gradients (F-SAM's estimate of the full-batch gradient), one tensor per parameter
+        in param-group order, None for a parameter that has not taken a step. The tensors are the optimizer's own:
+        read them, do not change them."""
+        return [self.state[p].get("ema") for p in self._ordered_params()]
 
     def _method_state(self) -> dict[str, Any]:
         params = self._ordered_params()

@@ -1,4 +1,5 @@
-"""Figures from run folders: learning curves with a band over seeds, the λ × σ heatmap, accuracy against label noise.
+"""Figures from run folders: learning curves with a band over seeds, the λ × σ heatmap, accuracy against label noise,
+and how well F-SAM's EMA estimated the full gradient (runs trained with ``trainer.full_grad_analysis_every``).
 
 Each function draws one kind of figure per data set and model found, saves it as PNG and PDF and returns the
 paths written. One colour per method throughout (:data:`METHOD_COLORS`), so a method looks the same in every
@@ -21,7 +22,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fsam.report.runs import load_metrics  # noqa: E402
 from fsam.report.tables import METHOD_NAMES, METHOD_ORDER, METRICS, row_label  # noqa: E402
 
-METHOD_COLORS = {"sgd": "#7f7f7f", "sam": "#1f77b4", "fsam": "#d62728", "asam": "#2ca02c", "fasam": "#ff7f0e"}
+METHOD_COLORS = {"sgd": "#7f7f7f", "sam": "#1f77b4", "fsam": "#d62728", "asam": "#2ca02c", "fasam": "#ff7f0e",
+                 "sam-full-gradient-only": "#17becf", "sam-noise-only": "#9467bd"}
 # What may tell two settings of one method apart in a legend, in the order it is named, and how it is written.
 VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
                 "batch_size": "batch", "base": "base"}
@@ -208,4 +210,32 @@ def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -
         axis.legend()
         figure.tight_layout()
         written += _save(figure, folder, f"noise_{_slug(dataset, model, kind)}")
+    return written
+
+
+def ema_agreement(runs: pd.DataFrame, folder: Path) -> list[Path]:
+    """Per run that measured F-SAM's EMA against the full gradient: the cosine and the relative error
+    ||EMA - full|| / ||full|| against the training step, one figure per run (the measurements are per step, so
+    seeds are not averaged). Returns the paths written."""
+    written: list[Path] = []
+    for run in runs.itertuples():
+        metrics = load_metrics(run.run_dir)
+        if metrics.empty or "analysis" not in metrics:
+            continue
+        records = pd.DataFrame([record for entries in metrics["analysis"].dropna() for record in entries])
+        if records.empty:
+            continue
+        figure, (cosine_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+        color = METHOD_COLORS.get(run.optimizer, "black")
+        cosine_axis.plot(records["step"], records["ema_cosine"], "o-", color=color, markersize=3)
+        error_axis.plot(records["step"], records["ema_relative_error"], "o-", color=color, markersize=3)
+        cosine_axis.set(xlabel="training step", ylabel="cosine(EMA, full gradient)", title="Direction")
+        error_axis.set(xlabel="training step", ylabel="||EMA − full|| / ||full||", title="Relative error")
+        for axis in (cosine_axis, error_axis):
+            axis.grid(alpha=0.3)
+        dataset, model = row_label(pd.Series(run._asdict()))
+        figure.suptitle(f"{dataset}, {model}, {METHOD_NAMES.get(run.optimizer, run.optimizer)} seed {run.seed}: "
+                        "the EMA against the exact full-batch gradient")
+        figure.tight_layout()
+        written += _save(figure, folder, f"ema_vs_full_gradient_{_slug(run.setting, f'seed{run.seed}')}")
     return written

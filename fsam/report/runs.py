@@ -33,6 +33,9 @@ CONFIG_COLUMNS = {
     "batch_size": "trainer.batch_size",
     "seed": "trainer.seed",
 }
+# SAM with an analysis direction (optimizer.perturbation) is its own method in tables, under the names
+# results/known-results.csv gives the paper's Figure-1 values.
+PERTURBATION_METHODS = {"full": "sam-full-gradient-only", "noise": "sam-noise-only"}
 
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -71,6 +74,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         row.update({
             column: None if key in unused else lookup(config, key) for column, key in CONFIG_COLUMNS.items()
         })
+        perturbation = lookup(config, "optimizer.perturbation")
+        if row["optimizer"] == "sam" and perturbation in PERTURBATION_METHODS:
+            row["optimizer"] = PERTURBATION_METHODS[perturbation]
         row["status"] = folder.state()
         summary = folder.finished_summary()
         if summary is not None:

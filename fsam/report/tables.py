@@ -27,8 +27,9 @@ STATES = ("unfinished", "running", "diverged")
 # Shown beside each setting; the hyperparameters a method never reads are empty (fsam.report.runs).
 DESCRIBE_COLUMNS = ["dataset", "noise", "noise_ratio", "model", "optimizer", "base", "lr", "weight_decay", "rho",
                     "sigma", "lmbda", "epochs", "batch_size"]
-METHOD_ORDER = ["sgd", "sam", "fsam", "asam", "fasam"]
-METHOD_NAMES = {"sgd": "SGD", "sam": "SAM", "fsam": "F-SAM", "asam": "ASAM", "fasam": "F-ASAM"}
+METHOD_ORDER = ["sgd", "sam", "sam-full-gradient-only", "sam-noise-only", "fsam", "asam", "fasam"]
+METHOD_NAMES = {"sgd": "SGD", "sam": "SAM", "sam-full-gradient-only": "SAM (full gradient only)",
+                "sam-noise-only": "SAM (noise part only)", "fsam": "F-SAM", "asam": "ASAM", "fasam": "F-ASAM"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "digits": "digits"}
 # The cells of the paper's main CIFAR table (Li et al., CVPR 2024); their values could not be obtained.
 PAPER_MODELS = ["resnet18", "wrn28_10", "pyramidnet110"]
