@@ -162,3 +162,153 @@ def test_precision_state_saves_and_restores_the_loss_scale():
 def test_no_gradient_norms_at_all_count_as_finite():
     assert _all_finite([]) and _all_finite([None])
     assert not _all_finite([torch.tensor(1.0), torch.tensor(float("inf"))])
+
+
+# --------------------------------------------------------------------------------------- create_optimizer
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+def base_settings(optimizer: torch.optim.Optimizer, *keys: str) -> dict:
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    return {key: base.param_groups[0][key] for key in keys}
+
+
+def test_create_optimizer_defaults_are_the_released_recipe():
+    from fsam.optim import create_optimizer
+
+    optimizer = create_optimizer(tiny_model())
+    assert type(optimizer) is FSAM and not optimizer.param_groups[0]["adaptive"]
+    assert base_settings(optimizer, "lr", "momentum", "nesterov", "weight_decay") == {
+        "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-3}
+    assert {k: optimizer.param_groups[0][k] for k in ("rho", "sigma", "lmbda", "eta", "ema_order")} == {
+        "rho": 0.2, "sigma": 1.0, "lmbda": 0.6, "eta": 0.0, "ema_order": "code"}
+
+
+@pytest.mark.parametrize("name, kind, adaptive", [
+    ("sgd", torch.optim.SGD, None), ("sam", SAM, False), ("asam", SAM, True), ("fsam", FSAM, False),
+    ("fasam", FSAM, True),
+])
+def test_create_optimizer_passes_every_setting_to_the_method_and_its_base(name, kind, adaptive):
+    from fsam.optim import create_optimizer
+
+    optimizer = create_optimizer(tiny_model(), name, lr=0.3, momentum=0.5, nesterov=True, weight_decay=0.02,
+                                 rho=0.7, sigma=0.4, lmbda=0.8, eta=0.01, ema_order="paper")
+    assert type(optimizer) is kind
+    assert base_settings(optimizer, "lr", "momentum", "nesterov", "weight_decay") == {
+        "lr": 0.3, "momentum": 0.5, "nesterov": True, "weight_decay": 0.02}
+    if adaptive is None:
+        return
+    group = optimizer.param_groups[0]
+    assert (group["rho"], group["adaptive"], group["eta"]) == (0.7, adaptive, 0.01)
+    if kind is FSAM:
+        assert (group["sigma"], group["lmbda"], group["ema_order"]) == (0.4, 0.8, "paper")
+
+
+def test_create_optimizer_builds_adamw_with_its_own_settings():
+    from fsam.optim import create_optimizer
+
+    optimizer = create_optimizer(tiny_model(), "sam", base="adamw", lr=3e-4, betas=(0.8, 0.95), weight_decay=0.05)
+    assert type(optimizer.base_optimizer) is torch.optim.AdamW
+    assert base_settings(optimizer, "lr", "betas", "weight_decay") == {"lr": 3e-4, "betas": (0.8, 0.95),
+                                                                      "weight_decay": 0.05}
+
+
+def test_norm_and_bias_parameters_can_go_without_weight_decay():
+    from fsam.optim import create_optimizer
+
+    model = tiny_model()
+    optimizer = create_optimizer(model, "sgd", weight_decay=0.1, no_decay_norm_and_bias=True)
+    groups = [(group["weight_decay"], [tuple(p.shape) for p in group["params"]]) for group in optimizer.param_groups]
+    assert groups == [(0.1, [(3, 4)]), (0.0, [(3,), (3,), (3,)])]
+    plain = create_optimizer(model, "sgd", weight_decay=0.1)
+    assert [group["weight_decay"] for group in plain.param_groups] == [0.1]
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(name="adam"), "optimizer.name='adam' is not a method: choose one of sgd, sam, asam, fsam, fasam"),
+    (dict(base="rmsprop"), "optimizer.base='rmsprop' is not a base optimizer: choose one of sgd, adamw"),
+    (dict(no_decay_norm_and_bias=True, params=True),
+     "no_decay_norm_and_bias needs the model, not a list of parameters"),
+    (dict(name="fsam", lmbda=1.0), "optimizer.lmbda=1.0 is not allowed: lmbda must be in [0, 1) (the EMA decay)"),
+])
+def test_create_optimizer_refusals_name_the_key(call, message):
+    from fsam.errors import ConfigError
+    from fsam.optim import create_optimizer
+
+    target = list(tiny_model().parameters()) if call.pop("params", False) else tiny_model()
+    with pytest.raises(ConfigError) as raised:
+        create_optimizer(target, **call)
+    assert str(raised.value) == message
+
+
+# ------------------------------------------------------------------------------------------------ train_step
+
+
+def test_a_parameter_the_loss_never_reaches_is_left_alone_by_every_step():
+    """Its gradient is None (not zero) after every step, whatever the caller left in it, so weight decay and
+    momentum never move it: a frozen head, a branch this batch did not take."""
+    from fsam.optim import create_optimizer
+
+    for name in ("sgd", "sam", "fsam"):
+        model = nn.Sequential(nn.Linear(4, 3))
+        unused = nn.Parameter(torch.ones(5))
+        model.register_parameter("unused", unused)
+        optimizer = create_optimizer(model, name, weight_decay=0.1, lr=0.5)
+        for _ in range(3):
+            unused.grad = torch.full((5,), 0.5)  # left over from the caller's own backward pass
+            out = train_step(model, torch.randn(8, 4), torch.randint(0, 3, (8,)), nn.functional.cross_entropy,
+                             optimizer, precision=Precision())
+            assert out.skipped is False
+        assert torch.equal(unused.detach(), torch.ones(5)) and unused.grad is None, name
+
+
+def test_a_plain_optimizer_step_through_train_step_moves_the_weights():
+    model = nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = train_step(model, torch.randn(8, 4), torch.randint(0, 3, (8,)), nn.functional.cross_entropy, optimizer,
+                     precision=Precision())
+    assert out.skipped is False and not torch.equal(model.weight.detach(), before)
+
+
+def test_each_micro_batch_needs_an_example():
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    train_step(model, inputs, targets, nn.functional.cross_entropy, optimizer, precision=Precision(), micro_batches=4)
+    with pytest.raises(ValueError) as raised:
+        train_step(model, inputs, targets, nn.functional.cross_entropy, optimizer, precision=Precision(),
+                   micro_batches=5)
+    assert str(raised.value) == ("micro_batches=5 is larger than the batch (4 examples): use at most one "
+                                 "micro-batch per example")
+    with pytest.raises(ValueError) as raised:
+        train_step(model, inputs, targets, nn.functional.cross_entropy, optimizer, precision=Precision(),
+                   micro_batches=0)
+    assert str(raised.value) == "micro_batches=0 is not allowed: it must be >= 1"
+
+
+def test_train_step_defaults_to_each_replica_perturbing_along_its_own_gradient():
+    import inspect
+
+    assert inspect.signature(train_step).parameters["sync_clean_pass"].default is False
+
+
+def test_precision_modes_autocast_to_their_dtype():
+    assert Precision().mode == "off" and Precision().dtype is None and Precision().scaler is None
+    layer = nn.Linear(4, 4)
+    for mode, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("off", torch.float32)):
+        precision = Precision(mode, "cpu")
+        with precision.autocast():
+            assert layer(torch.randn(2, 4)).dtype == dtype, mode
+        assert (precision.scaler is not None) == (mode == "fp16")
+
+
+def test_the_gradient_norm_of_float32_gradients_is_float32():
+    sam = SAM(with_gradients(params((3,), (2,))), torch.optim.SGD, lr=0.1)
+    sam.first_step()
+    assert sam.last_grad_norm.dtype == torch.float32
+    expected = torch.cat([p.grad.flatten() for p in with_gradients(params((3,), (2,)))]).norm()
+    assert torch.allclose(sam.last_grad_norm, expected)
