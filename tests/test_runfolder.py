@@ -50,6 +50,9 @@ OTHER_VALUE = {
     "dataset.image_size": 64,
     "dataset.num_workers": 8,
     "dataset.train_subset": 1000,
+    "dataset.val_split": 5000,
+    "dataset.val_seed": 4,  # with a validation split (below)
+    "dataset.drop_last": False,
     "dataset.noise.kind": "symmetric",
     "dataset.noise.ratio": 0.2,  # with kind symmetric (below)
     "dataset.noise.seed": 3,  # with kind symmetric (below)
@@ -106,6 +109,7 @@ OTHER_VALUE = {
 CONTEXT = {
     "dataset.noise.ratio": {"dataset.noise.kind": "symmetric"},
     "dataset.noise.seed": {"dataset.noise.kind": "symmetric", "dataset.noise.ratio": 0.2},
+    "dataset.val_seed": {"dataset.val_split": 5000},
     "optimizer.betas": {"optimizer.base": "adamw"},
     "optimizer.eta": {"optimizer.name": "fasam"},
     "optimizer.ema_order": {"optimizer.sigma": 0.5},
