@@ -47,7 +47,7 @@ def mutate(package: str, workers: int, show_survivors: bool) -> dict[str, int]:
         config = (
             "\n[tool.mutmut]\n"
             f"source_paths = [\"{package}/\"]\n"
-            f"tests_dir = {TESTS[package]!r}\n".replace("'", '"')
+            f"pytest_add_cli_args_test_selection = {TESTS[package]!r}\n".replace("'", '"')
             + 'also_copy = ["fsam/", "configs/", "hydra_plugins/", "train.py", "scripts/", "results/", "README.md", '
             '"docs/"]\n'
         )

@@ -238,6 +238,7 @@ def test_create_optimizer_refusals_name_the_key(call, message):
     from fsam.errors import ConfigError
     from fsam.optim import create_optimizer
 
+    call = dict(call)  # the parameter set is shared by reruns of this test
     target = list(tiny_model().parameters()) if call.pop("params", False) else tiny_model()
     with pytest.raises(ConfigError) as raised:
         create_optimizer(target, **call)
