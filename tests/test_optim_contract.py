@@ -276,9 +276,9 @@ def test_a_plain_optimizer_step_through_train_step_moves_the_weights():
 
 
 def test_each_micro_batch_needs_an_example():
-    model = nn.Linear(4, 3)
+    model = nn.Linear(6, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    inputs, targets = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    inputs, targets = torch.randn(4, 6), torch.randint(0, 3, (4,))  # 4 examples of 6 features
     train_step(model, inputs, targets, nn.functional.cross_entropy, optimizer, precision=Precision(), micro_batches=4)
     with pytest.raises(ValueError) as raised:
         train_step(model, inputs, targets, nn.functional.cross_entropy, optimizer, precision=Precision(),
@@ -313,3 +313,60 @@ def test_the_gradient_norm_of_float32_gradients_is_float32():
     assert sam.last_grad_norm.dtype == torch.float32
     expected = torch.cat([p.grad.flatten() for p in with_gradients(params((3,), (2,)))]).norm()
     assert torch.allclose(sam.last_grad_norm, expected)
+
+
+# ------------------------------------------------------------------------------------------- full_gradient
+
+
+def test_full_gradient_covers_unused_parameters_single_examples_and_a_given_subset():
+    from fsam.optim import full_gradient
+
+    model = nn.Linear(3, 2)
+    model.register_parameter("unused", nn.Parameter(torch.ones(4)))
+    inputs, targets = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    batches = [(inputs[:1], targets[:1])]  # one example is enough
+    weight, bias, unused = full_gradient(model, batches, nn.functional.cross_entropy)
+    assert torch.equal(unused, torch.zeros(4))  # the loss does not reach it: zeros, not an error
+    assert weight.dtype == torch.float32 and weight.shape == (2, 3)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs[:1]), targets[:1]).backward()
+    assert torch.allclose(weight, model.weight.grad) and torch.allclose(bias, model.bias.grad)
+    (only,) = full_gradient(model, batches, nn.functional.cross_entropy, params=[model.bias])
+    assert torch.equal(only, bias)
+    with pytest.raises(ValueError) as raised:
+        full_gradient(model, [], nn.functional.cross_entropy)
+    assert str(raised.value) == "full_gradient() got no example: the batches were empty"
+
+
+def test_an_analysis_direction_without_a_full_gradient_says_how_many_parameters_lack_one():
+    parameters = with_gradients(params((3,), (2,)))
+    sam = SAM(parameters, torch.optim.SGD, lr=0.1, perturbation="noise")
+    sam.set_full_gradient([torch.ones(3), torch.ones(2)])
+    sam.state[parameters[1]].pop("full_gradient")
+    with pytest.raises(RuntimeError) as raised:
+        sam.first_step()
+    assert str(raised.value) == ("perturbation='noise' needs the full-batch gradient, and 1 of 2 parameters have "
+                                 "none: call set_full_gradient() before first_step()")
+
+
+def test_the_analysis_directions_keep_their_full_gradient_in_the_saved_state_and_check_it_on_loading():
+    parameters = params((3,), (2,))
+    minibatch = SAM(parameters, torch.optim.SGD, lr=0.1)
+    assert minibatch.state_dict()["method_state"] == {}  # ordinary SAM saves nothing of its own
+    full = SAM(params((3,), (2,)), torch.optim.SGD, lr=0.1, perturbation="full")
+    assert full.state_dict()["method_state"] == {"full_gradient": [None, None]}  # none computed yet
+    full.set_full_gradient([torch.ones(3), torch.ones(2)])
+    saved = full.state_dict()
+    other = SAM(params((3,)), torch.optim.SGD, lr=0.1, perturbation="full")
+    with pytest.raises(CheckpointError) as raised:
+        other._load_method_state(saved["method_state"])
+    assert str(raised.value) == ("the SAM state holds a full-batch gradient for 2 parameter tensors, this model has "
+                                 "1: the checkpoint is from a different model")
+    wrong = SAM(params((3,), (4,)), torch.optim.SGD, lr=0.1, perturbation="full")
+    with pytest.raises(CheckpointError) as raised:
+        wrong._load_method_state(saved["method_state"])
+    assert str(raised.value).startswith("the saved full-batch gradient does not fit this model: ")
+    with pytest.raises(ValueError) as raised:
+        SAM(params((2,)), torch.optim.SGD, lr=0.1, perturbation="sideways")
+    assert str(raised.value) == ("perturbation='sideways' is not allowed: perturbation must be one of minibatch, "
+                                 "full, noise")
