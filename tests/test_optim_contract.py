@@ -141,6 +141,9 @@ def test_loading_an_fsam_state_restores_every_ema_and_forgets_the_ones_saved_emp
     assert "ema" not in target.state[target_params[0]]  # saved empty: forgotten, not kept
     for p, ema in zip(target_params[1:], saved["method_state"]["ema"][1:]):  # the ones after it still load
         assert target.state[p]["ema"].dtype == torch.float64 and torch.equal(target.state[p]["ema"].float(), ema)
+    fresh = FSAM(params((3,), (2,), (4,)), torch.optim.SGD, lr=0.1)  # never stepped: no EMA anywhere yet
+    fresh.load_state_dict(saved)
+    assert "ema" not in fresh.state[fresh._ordered_params()[0]]
 
 
 def test_precision_state_saves_and_restores_the_loss_scale():
