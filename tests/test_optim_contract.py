@@ -219,6 +219,14 @@ def test_create_optimizer_builds_adamw_with_its_own_settings():
                                                                       "weight_decay": 0.05}
 
 
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_a_list_of_parameters_gets_the_weight_decay_too(base):
+    from fsam.optim import create_optimizer
+
+    optimizer = create_optimizer(list(tiny_model().parameters()), "sam", base=base, weight_decay=0.07)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.07]
+
+
 def test_norm_and_bias_parameters_can_go_without_weight_decay():
     from fsam.optim import create_optimizer
 
@@ -236,6 +244,11 @@ def test_norm_and_bias_parameters_can_go_without_weight_decay():
     (dict(no_decay_norm_and_bias=True, params=True),
      "no_decay_norm_and_bias needs the model, not a list of parameters"),
     (dict(name="fsam", lmbda=1.0), "optimizer.lmbda=1.0 is not allowed: lmbda must be in [0, 1) (the EMA decay)"),
+    (dict(name="sam", perturbation="sideways"),
+     "optimizer.perturbation='sideways' is not allowed: use one of minibatch, full, noise"),
+    (dict(name="fsam", perturbation="noise"),
+     "optimizer.perturbation='noise' is not allowed with optimizer.name='fsam': the analysis directions belong to "
+     "sam (use optimizer.name=sam, or perturbation=minibatch)"),
 ])
 def test_create_optimizer_refusals_name_the_key(call, message):
     from fsam.errors import ConfigError
