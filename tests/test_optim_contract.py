@@ -386,3 +386,17 @@ def test_the_analysis_directions_keep_their_full_gradient_in_the_saved_state_and
         SAM(params((2,)), torch.optim.SGD, lr=0.1, perturbation="sideways")
     assert str(raised.value) == ("perturbation='sideways' is not allowed: perturbation must be one of minibatch, "
                                  "full, noise")
+
+
+def test_a_skipped_fp16_step_leaves_the_weights_and_no_gradients_behind():
+    from fsam.optim import create_optimizer
+
+    model = nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = create_optimizer(model, "fsam")
+    out = train_step(model, torch.randn(8, 4), torch.randint(0, 3, (8,)),
+                     lambda logits, targets: nn.functional.cross_entropy(logits, targets) * float("inf"), optimizer,
+                     precision=Precision("fp16", "cpu"))
+    assert out.skipped is True
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
