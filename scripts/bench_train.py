@@ -85,6 +85,20 @@ appends their sections here and writes `results/bench_optim_cuda.json`; commit t
 """
 
 
+
+def epoch_images_per_s(loader, device: torch.device, rounds: int, batch_size: int) -> float:
+    """Images per second of a loader's fastest whole epoch out of ``rounds`` (after one warm-up epoch)."""
+    best = float("inf")
+    for epoch in range(rounds + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in loader.iterate(epoch):
+            pass
+        synchronize(device)
+        if epoch > 0:
+            best = min(best, time.perf_counter() - start)
+    return len(loader) * batch_size / best
+
 def generated_imagefolder(root: Path, num_images: int, size: int, classes: int = 4) -> float:
     """Write ``num_images`` training JPEGs of ``size`` x ``size`` pixels (quality 90) in the ImageFolder layout,
     and one per class in ``val``; return their mean size in KiB. Each image is upsampled 16 x 16 noise: smooth, so
@@ -108,16 +122,7 @@ def bench_imagefolder(root: Path, args, device: torch.device, workers: int) -> f
         "imagenet", str(root), batch_size=args.batch_size, device=device, image_size=args.image_size,
         num_workers=workers, seed=0, channels_last=args.channels_last,
     ).train
-    best = float("inf")
-    for epoch in range(args.rounds + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        for inputs, targets in loader.iterate(epoch):
-            pass
-        synchronize(device)
-        if epoch > 0:
-            best = min(best, time.perf_counter() - start)
-    return len(loader) * args.batch_size / best
+    return epoch_images_per_s(loader, device, args.rounds, args.batch_size)
 
 
 def imagenet_report(args, device: torch.device, mean_kib: float, rates: dict[int, float]) -> list[str]:
@@ -252,16 +257,7 @@ def bench_device_data(images: np.ndarray, labels: np.ndarray, args, device: torc
         augment_spec=AugmentSpec(), mean=CIFAR100_MEAN, std=CIFAR100_STD, seed=0, train=True,
         channels_last=args.channels_last,
     )
-    best = float("inf")
-    for epoch in range(args.rounds + 1):  # the first epoch warms up
-        synchronize(device)
-        start = time.perf_counter()
-        for inputs, targets in loader.iterate(epoch):
-            pass
-        synchronize(device)
-        if epoch > 0:
-            best = min(best, time.perf_counter() - start)
-    return len(loader) * args.batch_size / best
+    return epoch_images_per_s(loader, device, args.rounds, args.batch_size)
 
 
 def bench_dataloader(images: np.ndarray, labels: np.ndarray, args, device: torch.device, workers: int) -> float:
