@@ -486,7 +486,15 @@ def test_unknown_kwarg_is_a_config_error_listing_the_allowed_ones():
         create_model("pyramidnet110", 10, drop_rate=0.1)
 
 
-def test_pretrained_download_is_refused():
+def test_pretrained_download_is_refused(tmp_path, monkeypatch):
+    # Offline as a compute node without internet is, without waiting for the hub's retries to time out (about
+    # 50 s here; tests/test_bad_input.py runs the same case through train.py).
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # nothing cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="pretrained_path"):
         create_model("timm:resnet18", 10, pretrained=True)
 
