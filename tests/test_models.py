@@ -499,6 +499,16 @@ def test_pretrained_download_is_refused(tmp_path, monkeypatch):
         create_model("timm:resnet18", 10, pretrained=True)
 
 
+@pytest.mark.slow
+def test_pretrained_download_from_an_unreachable_hub_is_refused(tmp_path, monkeypatch):
+    # The hub really tried: on this machine it retries for about 50 s before giving up.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ConfigError, match="pretrained_path"):
+        create_model("timm:resnet18", 10, pretrained=True)
+
+
 @pytest.mark.parametrize("name, kwargs", [("pyramidnet110", {"depth": 100}), ("wrn28_10", {"drop_rate": 1.5})])
 def test_impossible_architecture_settings_are_config_errors(name, kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
