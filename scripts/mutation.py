@@ -3,6 +3,7 @@
     python scripts/mutation.py fsam/optim                 # about 10 minutes on 2 cores
     python scripts/mutation.py fsam/data fsam/report      # each package with its own tests, one after the other
     python scripts/mutation.py fsam/data --recheck        # after adding tests: test the survivors again
+    python scripts/mutation.py fsam/engine --only "fsam.engine.schedule.*"   # the mutants of some functions only
 
 Each package is tested in its own work folder (``.mutation/<package>/``, ignored by git) holding a copy of the
 committed tree (``git archive`` of HEAD), so uncommitted edits and the editable install never mix into the result.
@@ -20,6 +21,7 @@ because mutmut forks its workers from a process that has imported torch and a fo
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -95,13 +97,15 @@ def verdicts(folder: Path) -> dict[str, str]:
     return json.loads(run.stdout)
 
 
-def mutate(package: str, workers: int, recheck: bool, root: Path) -> dict[str, int]:
-    """Run mutmut over ``package`` in its work folder; return its counts."""
+def mutate(package: str, workers: int, recheck: bool, root: Path, only: list[str]) -> dict[str, int]:
+    """Run mutmut over ``package`` in its work folder (the mutants matching ``only``, when given); return the
+    counts of every mutant's verdict (``not checked`` for those not run yet)."""
     folder = root / package.replace("/", "_")
     prepare(package, folder)
-    mutmut(folder, workers)
+    mutmut(folder, workers, only)
     if recheck:
-        survivors = [name for name, status in verdicts(folder).items() if status in ("survived", "no tests")]
+        survivors = [name for name, status in verdicts(folder).items() if status in ("survived", "no tests")
+                     and (not only or any(fnmatch.fnmatch(name, pattern) for pattern in only))]
         if survivors:
             mutmut(folder, workers, survivors)
     counts: dict[str, int] = {}
@@ -116,6 +120,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--recheck", action="store_true",
                         help="test every surviving mutant again against the current tests")
+    parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                        help="mutant names to run, e.g. 'fsam.engine.schedule.*' (mutmut's names: module.x_function)")
     parser.add_argument("--folder", type=Path, default=REPO / ".mutation", help="where the work folders live")
     args = parser.parse_args()
     if shutil.which("mutmut") is None:
@@ -123,12 +129,14 @@ def main() -> int:
     print("| package | mutants | killed (incl. time-outs) | survived | not covered by its tests | score |")
     print("|---|---|---|---|---|---|")
     for package in args.packages:
-        c = mutate(package, args.workers, args.recheck, args.folder)
+        c = mutate(package, args.workers, args.recheck, args.folder, args.only)
         caught = c.get("killed", 0) + c.get("timeout", 0)
         tested = caught + c.get("survived", 0) + c.get("no tests", 0) + c.get("suspicious", 0)
         score = 100.0 * caught / max(tested, 1)
         print(f"| `{package}` | {sum(c.values())} | {caught} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
               f"{score:.1f} % |", flush=True)
+        if c.get("not checked"):
+            print(f"  not run yet: {c['not checked']} mutants", flush=True)
         print(f"  survivors' diffs: {args.folder / package.replace('/', '_') / 'survivors.diff'}", flush=True)
     return 0
 
