@@ -5,11 +5,21 @@ error paths of the readers and the loaders' bookkeeping. Written against the sur
 
 from __future__ import annotations
 
+import functools
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import pytest
 
-from fsam.data import AugmentSpec, NoiseSpec
+from datagen import md5_of, write_cifar_archive
+from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar
+from fsam.errors import DataError
 from fsam.data.seeding import derive_seed, generator
 from fsam.errors import ConfigError
+
+NO_AUGMENT = AugmentSpec(crop=False, flip=False, cutout=False, normalize=False)
 
 
 def test_derived_seeds_are_63_bit_deterministic_and_differ_in_every_part():
@@ -47,3 +57,115 @@ def test_the_edges_of_every_range_are_allowed():
     AugmentSpec(cutout_prob=1)
     NoiseSpec(kind="symmetric", ratio=1.0, seed=0)
     NoiseSpec(kind="asymmetric", ratio=0)
+
+
+# --- the lazy exports of fsam.data -------------------------------------------------------------------------------
+
+
+def test_build_data_and_data_bundle_are_loaded_on_first_use_and_other_names_are_refused():
+    import fsam.data
+    from fsam.data import factory
+
+    assert fsam.data.build_data is factory.build_data and fsam.data.DataBundle is factory.DataBundle
+    with pytest.raises(AttributeError) as error:
+        fsam.data.load_everything
+    assert str(error.value) == "module 'fsam.data' has no attribute 'load_everything'"
+
+
+# --- downloading CIFAR -------------------------------------------------------------------------------------------
+
+
+class _RecordingHandler(SimpleHTTPRequestHandler):
+    """Serves files, and notes what the download folder holds when each request arrives."""
+
+    seen: list[list[str]] = []
+    watched: Path | None = None
+
+    def do_GET(self):  # noqa: N802 (the handler's API)
+        if self.watched is not None:
+            type(self).seen.append(sorted(path.name for path in self.watched.iterdir()))
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recording_server(tmp_path):
+    """A real HTTP server serving tmp_path/served; yields (served folder, base url, handler class)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = type("Handler", (_RecordingHandler,), {"seen": [], "watched": None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_download_goes_to_a_part_file_beside_the_archive_into_a_folder_created_with_its_parents(
+        tmp_path, recording_server, capsys):
+    served, base_url, handler = recording_server
+    archive = write_cifar_archive(served, n_train=20, extract=False)
+    root = tmp_path / "not" / "yet" / "data"
+    handler.watched = root
+    url = f"{base_url}/{archive.name}"
+    build_data("cifar10", str(root), batch_size=4, url=url, md5=md5_of(archive), augment=NO_AUGMENT)
+    (listing,) = handler.seen
+    assert len(listing) == 1 and listing[0].startswith("cifar-10-python.tar.gz.") and listing[0].endswith(".part")
+    assert f"downloading CIFAR-10 from {url} to {root}\n" in capsys.readouterr().out
+    assert sorted(path.name for path in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_a_download_into_an_existing_empty_folder_works(tmp_path, recording_server):
+    served, base_url, _ = recording_server
+    archive = write_cifar_archive(served, n_train=20, extract=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    bundle = build_data("cifar10", str(root), batch_size=4, url=f"{base_url}/{archive.name}", md5=md5_of(archive))
+    assert bundle.info["num_train"] == 20
+
+
+def test_a_download_with_the_wrong_checksum_says_which_download_and_that_it_was_deleted(tmp_path, recording_server):
+    served, base_url, _ = recording_server
+    archive = write_cifar_archive(served, extract=False)
+    url = f"{base_url}/{archive.name}"
+    with pytest.raises(DataError) as error:
+        build_data("cifar10", str(tmp_path / "data"), batch_size=4, url=url, md5="0" * 32)
+    message = str(error.value)
+    assert message.startswith(f"the CIFAR-10 download from {url} does not match its md5 checksum")
+    assert "it is truncated or corrupt; it was deleted: try again, or set dataset.md5=" in message
+
+
+def test_a_refused_connection_gives_its_reason_in_the_message(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DataError) as error:
+        build_data("cifar10", str(tmp_path), batch_size=4, url=f"http://127.0.0.1:{port}/x.tar.gz", md5="0" * 32)
+    assert "failed (<urlopen error [Errno 111] Connection refused>): check the network" in str(error.value)
+
+
+def test_a_server_that_never_answers_times_out_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/cifar-10-python.tar.gz"
+        with pytest.raises(DataError) as error:
+            build_data("cifar10", str(tmp_path / "data"), batch_size=4, url=url, md5="0" * 32)
+    assert "timed out" in str(error.value)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_an_error_without_text_is_named_by_its_type():
+    assert cifar._one_line(TimeoutError()) == "TimeoutError"
+    assert cifar._one_line(OSError("two\n  lines")) == "two lines"
+
+
+def test_either_trace_of_the_other_variant_is_named(tmp_path):
+    write_cifar_archive(tmp_path, "cifar100", extract=False)  # the archive only, no extracted folder
+    with pytest.raises(DataError, match="CIFAR-100"):
+        build_data("cifar10", str(tmp_path), batch_size=4, download=False)
