@@ -9,12 +9,17 @@ import functools
 import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from datagen import md5_of, write_cifar_archive
-from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar
+from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar, seeding
+from fsam.data.imagefolder import FolderLoader
 from fsam.errors import DataError
 from fsam.data.seeding import derive_seed, generator
 from fsam.errors import ConfigError
@@ -169,3 +174,115 @@ def test_either_trace_of_the_other_variant_is_named(tmp_path):
     write_cifar_archive(tmp_path, "cifar100", extract=False)  # the archive only, no extracted folder
     with pytest.raises(DataError, match="CIFAR-100"):
         build_data("cifar10", str(tmp_path), batch_size=4, download=False)
+
+
+# --- the ImageFolder loader --------------------------------------------------------------------------------------
+
+
+def _png_files(folder: Path, count: int, mode: str = "RGB") -> list[str]:
+    """``count`` 6x6 images of ``mode`` (RGB, L, RGBA), each filled with its own index as the pixel value."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"image_{index}.png"
+        Image.new(mode, (6, 6), color=index if mode == "L" else (index,) * len(mode)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _drawing(image: Image.Image) -> torch.Tensor:
+    """A test transform: channel 0 is the image's first pixel value, channel 1 a draw from torch's global
+    generator, channel 2 a draw from Python's; 3 channels of 1 pixel, so only the bookkeeping shows."""
+    return torch.tensor([[[image.getpixel((0, 0))[0]]], [[torch.rand(()).item()]], [[random.random()]]])
+
+
+def _folder_loader(paths, *, train=True, seed=1, batch_size=2, **kwargs) -> FolderLoader:
+    labels = np.arange(len(paths), dtype=np.int64)  # each example its own label, to follow it
+    return FolderLoader(paths, labels, _drawing, batch_size=batch_size, seed=seed, train=train, **kwargs)
+
+
+def _examples(loader: FolderLoader, epoch: int, start_batch: int = 0) -> list[int]:
+    return [label for _, targets in loader.iterate(epoch, start_batch) for label in targets.tolist()]
+
+
+def test_training_batches_are_a_shuffled_equal_block_per_rank_without_the_last_partial_batch(tmp_path):
+    paths = _png_files(tmp_path, 11)
+    assert len(_folder_loader(paths)) == 5 and len(_examples(_folder_loader(paths), 0)) == 10
+    assert len(_folder_loader(paths, drop_last=False)) == 6 and sorted(_examples(_folder_loader(paths, drop_last=False), 0)) == list(range(11))
+    ranks = [_folder_loader(paths, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [len(loader) for loader in ranks] == [2, 2]  # 5 positions each, the 11th left out
+    seen = [_examples(loader, 3) for loader in ranks]
+    assert len(set(seen[0]) | set(seen[1])) == 8 and not set(seen[0]) & set(seen[1])
+    whole = torch.randperm(11, generator=seeding.generator(seeding.EPOCH_ORDER, 1, 3)).tolist()
+    assert seen == [whole[0:4], whole[5:9]]  # each rank's block of one permutation, in its order
+
+
+def test_test_batches_are_in_file_order_contiguous_per_rank_and_keep_the_last_batch(tmp_path):
+    paths = _png_files(tmp_path, 7)
+    assert _examples(_folder_loader(paths, train=False), 4) == list(range(7))
+    ranks = [_folder_loader(paths, train=False, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [len(loader) for loader in ranks] == [2, 2]
+    assert [_examples(loader, 0) for loader in ranks] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def test_the_data_loader_length_is_the_batches_left_from_where_the_epoch_starts(tmp_path):
+    loader = _folder_loader(_png_files(tmp_path, 9))
+    assert len(loader.loader) == len(loader) == 4  # before any epoch starts
+    whole = _examples(loader, 2)
+    assert _examples(loader, 2, start_batch=1) == whole[2:]
+    assert len(loader.loader) == 3
+    loader.batches.start(2, 6)
+    assert len(loader.loader) == 0
+
+
+def test_each_examples_random_transform_is_drawn_from_seed_epoch_and_index_and_the_callers_state_is_kept(tmp_path):
+    paths = _png_files(tmp_path, 4)
+
+    def draws(seed: int, epoch: int) -> dict[int, tuple[float, float]]:
+        found = {}
+        for inputs, targets in _folder_loader(paths, seed=seed, batch_size=1).iterate(epoch):
+            found[targets.item()] = (inputs[0, 1, 0, 0].item(), inputs[0, 2, 0, 0].item())
+        return found
+
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    first = draws(seed=1, epoch=0)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    assert first == draws(seed=1, epoch=0)
+    assert len(set(first.values())) == 4  # every example its own draw
+    other_seed, other_epoch = draws(seed=2, epoch=0), draws(seed=1, epoch=1)
+    assert all(first[k] != other_seed[k] and first[k] != other_epoch[k] for k in first)
+    with _seeded(seeding.derive_seed(seeding.SAMPLE_TRANSFORM, 1, 0, 3)):
+        assert first[3] == pytest.approx((torch.rand(()).item(), random.random()))
+
+
+def _seeded(seed: int):
+    from fsam.data.imagefolder import _seeded_global_generators
+
+    return _seeded_global_generators(seed)
+
+
+def test_test_images_are_transformed_without_seeding(tmp_path):
+    paths = _png_files(tmp_path, 2)
+    torch.manual_seed(123)
+    expected = torch.rand(()).item()
+    torch.manual_seed(123)
+    inputs, _ = next(_folder_loader(paths, train=False, batch_size=1).iterate(0))
+    assert inputs[0, 1, 0, 0].item() == pytest.approx(expected)  # drawn from the caller's generator as it stood
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+def test_grey_and_transparent_images_are_read_as_rgb(tmp_path, mode):
+    paths = _png_files(tmp_path, 3, mode=mode)
+    seen = FolderLoader(paths, np.zeros(3, dtype=np.int64), lambda image: torch.tensor(image.getpixel((0, 0)),
+                        dtype=torch.float32), batch_size=3, seed=0, train=False)
+    inputs, targets = next(seen.iterate(0))
+    assert inputs.tolist() == [[0.0] * 3, [1.0] * 3, [2.0] * 3] and targets.dtype == torch.int64
+
+
+def test_an_unreadable_image_is_named_with_the_readers_reason_in_one_line(tmp_path):
+    paths = _png_files(tmp_path, 2)
+    Path(paths[1]).write_bytes(b"not an\nimage")
+    with pytest.raises(DataError) as error:
+        list(_folder_loader(paths, train=False).iterate(0))
+    assert str(error.value) == (f"cannot read image {paths[1]} (cannot identify image file '{paths[1]}'): replace "
+                                "or delete the file")
