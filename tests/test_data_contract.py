@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datagen import md5_of, write_cifar_archive
+from datagen import md5_of, write_cifar_archive, write_imagefolder
 from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar, seeding
 from fsam.data.imagefolder import FolderLoader
 from fsam.errors import DataError
@@ -286,3 +286,103 @@ def test_an_unreadable_image_is_named_with_the_readers_reason_in_one_line(tmp_pa
         list(_folder_loader(paths, train=False).iterate(0))
     assert str(error.value) == (f"cannot read image {paths[1]} (cannot identify image file '{paths[1]}'): replace "
                                 "or delete the file")
+
+
+# --- build_data: refusals and what a bundle holds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"batch_size": 0}, "trainer.batch_size=0 is not allowed: must be a whole number >= 1"),
+    ({"batch_size": True}, "trainer.batch_size=True is not allowed: must be a whole number >= 1"),
+    ({"batch_size": 2.0}, "trainer.batch_size=2.0 is not allowed: must be a whole number >= 1"),
+    ({"eval_batch_size": 0}, "trainer.eval_batch_size=0 is not allowed: must be a whole number >= 1"),
+    ({"image_size": -32}, "dataset.image_size=-32 is not allowed: must be a whole number >= 1"),
+    ({"train_subset": 0}, "dataset.train_subset=0 is not allowed: must be a whole number >= 1"),
+    ({"train_subset": 2000}, "dataset.train_subset=2000 is larger than the 1437 training examples: lower it, or "
+                             "use null for all of them"),
+    ({"val_split": -1}, "dataset.val_split=-1 is not allowed: must be a whole number >= 0"),
+    ({"val_split": True}, "dataset.val_split=True is not allowed: must be a whole number >= 0"),
+    ({"val_split": 1.0}, "dataset.val_split=1.0 is not allowed: must be a whole number >= 0"),
+    ({"val_split": 1437}, "dataset.val_split=1437 leaves no training examples (there are 1437): hold out fewer"),
+    ({"rank": 2, "world_size": 2}, "rank=2 is not allowed with world_size=2: must be in [0, 2)"),
+    ({"rank": -1}, "rank=-1 is not allowed with world_size=1: must be in [0, 1)"),
+    ({"noise": NoiseSpec("asymmetric", 0.2)}, "dataset.noise.kind=asymmetric has no class map for digits: it exists "
+                                              "for cifar10, cifar100; use dataset.noise.kind=symmetric or none"),
+    ({"batch_size": 719, "world_size": 2}, "trainer.batch_size=719 is larger than the 718 training examples of each "
+                                           "process (1437 over 2 processes): lower trainer.batch_size"),
+    ({"batch_size": 1438}, "trainer.batch_size=1438 is larger than the 1437 training examples of each process "
+                           "(1437 over 1 process): lower trainer.batch_size"),
+    ({"batch_size": 4, "drop_last": False}, "dataset.drop_last=false leaves a last batch of 1 example (1437 per "
+                                            "process, batch 4), which BatchNorm cannot train on: use "
+                                              "dataset.drop_last=true or another batch size"),
+])
+def test_settings_that_do_not_fit_the_data_are_refused_in_words_that_name_the_key(arguments, message):
+    with pytest.raises(ConfigError) as error:
+        build_data("digits", "unused", **{"batch_size": 8, **arguments})
+    assert str(error.value) == message
+
+
+def test_the_edges_of_the_data_settings_are_allowed():
+    bundle = build_data("digits", "unused", batch_size=1437, train_subset=1437, rank=0, world_size=1)
+    assert len(bundle.train) == 1
+    assert build_data("digits", "unused", batch_size=1, val_split=1436, drop_last=False).info["num_train"] == 1
+    assert len(build_data("digits", "unused", batch_size=106, drop_last=False).train) == 14  # 1437 = 13 * 106 + 59
+    assert len(build_data("digits", "unused", batch_size=106).train) == 13
+
+
+def test_a_digits_bundle_holds_its_splits_its_facts_and_its_eval_batch_size():
+    bundle = build_data("digits", "unused", batch_size=100, eval_batch_size=64, seed=3, train_subset=1000,
+                        val_split=200, val_seed=5, noise=NoiseSpec("symmetric", 0.5, seed=2), world_size=2, rank=1)
+    assert bundle.info == {"dataset": "digits", "num_classes": 10, "image_size": 32, "num_train": 800, "num_val": 200,
+                           "num_test": 360, "train_per_rank": 400, "label_noise": bundle.info["label_noise"]}
+    assert bundle.info["label_noise"]["kind"] == "symmetric" and bundle.info["label_noise"]["seed"] == 2
+    assert (len(bundle.train), len(bundle.test), len(bundle.val)) == (4, 3, 2)  # 400 by 100; 180 and 100 by 64
+    assert [len(t) for _, t in bundle.test.iterate(0)] == [64, 64, 52]
+    assert [len(t) for _, t in bundle.val.iterate(0)] == [64, 36]
+    assert bundle.mean == bundle.std[:0] + bundle.mean and len(set(bundle.mean)) == 1 and bundle.num_classes == 10
+
+
+def test_the_in_order_view_is_every_training_example_once_in_order_with_the_noisy_labels():
+    noise = NoiseSpec("symmetric", 1.0, seed=4)
+    bundle = build_data("digits", "unused", batch_size=128, seed=9, noise=noise, augment=NO_AUGMENT, drop_last=False)
+    clean = build_data("digits", "unused", batch_size=128, seed=9, augment=NO_AUGMENT)
+    batches = list(bundle.train_in_order.iterate(7))
+    assert [len(t) for _, t in batches] == [128] * 11 + [29]  # the last batch kept: every example once
+    inputs = torch.cat([x for x, _ in batches])
+    assert torch.equal(inputs, torch.cat([x for x, _ in clean.train_in_order.iterate(0)]))  # no augmentation, in order
+    noisy = torch.cat([t for _, t in batches])
+    clean_labels = torch.cat([t for _, t in clean.train_in_order.iterate(0)])
+    assert int((noisy != clean_labels).sum()) == bundle.info["label_noise"]["flipped"] > 1000
+    trained = torch.cat([t for _, t in bundle.train.iterate(0)])
+    assert sorted(trained.tolist()) == sorted(noisy.tolist())  # the labels training sees, in another order
+
+
+def test_channels_last_and_the_image_size_reach_every_loader():
+    bundle = build_data("digits", "unused", batch_size=8, image_size=16, channels_last=True, val_split=10)
+    for loader in (bundle.train, bundle.test, bundle.val, bundle.train_in_order):
+        inputs, _ = next(loader.iterate(0))
+        assert inputs.shape[1:] == (3, 16, 16) and inputs.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_imagefolder_bundle_holds_its_splits_noise_and_the_imagenet_statistics(tmp_path):
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    write_imagefolder(tmp_path, classes=2, per_class=5, size=20)
+    bundle = build_data("imagenet", str(tmp_path), batch_size=3, eval_batch_size=4, image_size=16, num_workers=0,
+                        seed=1, train_subset=10, val_split=2, val_seed=3, noise=NoiseSpec("symmetric", 1.0, seed=1),
+                        drop_last=False, channels_last=True)
+    assert bundle.info == {"dataset": "imagenet", "num_classes": 2, "image_size": 16, "num_train": 8, "num_val": 2,
+                           "num_test": 10, "train_per_rank": 8, "label_noise": bundle.info["label_noise"]}
+    assert bundle.info["label_noise"]["ratio"] == 1.0 and bundle.train_in_order is None
+    assert (bundle.mean, bundle.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert [len(t) for _, t in bundle.train.iterate(0)] == [3, 3, 2]  # drop_last=false keeps the last batch
+    assert [len(t) for _, t in bundle.test.iterate(0)] == [4, 4, 2] and [len(t) for _, t in bundle.val.iterate(0)] == [2]
+    inputs, _ = next(bundle.train.iterate(0))
+    assert inputs.shape == (3, 3, 16, 16) and inputs.is_contiguous(memory_format=torch.channels_last)
+    kept = build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
+                      val_split=2, val_seed=3)
+    assert [len(t) for _, t in kept.train.iterate(0)] == [3, 3]  # drop_last is the default
+    held = sorted(t for _, labels in kept.val.iterate(0) for t in labels.tolist())
+    again = build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
+                       val_split=2, val_seed=3, seed=8)
+    assert held == sorted(t for _, labels in again.val.iterate(0) for t in labels.tolist())
