@@ -6,10 +6,12 @@ error paths of the readers and the loaders' bookkeeping. Written against the sur
 from __future__ import annotations
 
 import functools
+import io
+import random
 import socket
+import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-import random
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +388,132 @@ def test_an_imagefolder_bundle_holds_its_splits_noise_and_the_imagenet_statistic
     again = build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
                        val_split=2, val_seed=3, seed=8)
     assert held == sorted(t for _, labels in again.val.iterate(0) for t in labels.tolist())
+
+
+# --- extracting a CIFAR archive ----------------------------------------------------------------------------------
+
+
+def _repacked(tmp_path: Path, edit) -> Path:
+    """The CIFAR-10 test archive, repacked after ``edit(folder)`` changed its extracted files; in tmp_path/root."""
+    source = write_cifar_archive(tmp_path / "source")
+    edit(source.parent / "cifar-10-batches-py")
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = root / source.name
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted((source.parent / "cifar-10-batches-py").iterdir()):
+            tar.add(path, arcname=f"cifar-10-batches-py/{path.name}")
+    return archive
+
+
+def _extract_into(archive: Path) -> None:
+    build_data("cifar10", str(archive.parent), batch_size=8, download=False, md5=md5_of(archive))
+
+
+def test_extraction_happens_in_a_hidden_staging_folder_inside_the_root_that_is_removed(tmp_path, monkeypatch):
+    archive = write_cifar_archive(tmp_path, extract=False)
+    staged = []
+    real = tarfile.TarFile.extractall
+
+    def spy(self, path, *args, **kwargs):
+        staged.append(Path(path))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", spy)
+    _extract_into(archive)
+    (staging,) = staged
+    assert staging.parent == tmp_path and staging.name.startswith(".cifar-10-batches-py.extracting-")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_an_archive_member_outside_its_folder_is_refused_and_not_written(tmp_path):
+    archive = write_cifar_archive(tmp_path / "root", extract=False)
+    escape = tmp_path / "escape.txt"
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [(member, tar.extractfile(member).read() if member.isfile() else None) for member in tar]
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, content in members:
+            tar.addfile(member, io.BytesIO(content) if content is not None else None)
+        outside = tarfile.TarInfo("../../escape.txt")
+        outside.size = 3
+        tar.addfile(outside, io.BytesIO(b"bad"))
+    with pytest.raises(DataError) as error:
+        _extract_into(archive)
+    assert str(error.value).startswith(f"{archive} is truncated or corrupt (")
+    assert not escape.exists() and not (tmp_path / "root" / "cifar-10-batches-py").exists()
+
+
+def test_a_truncated_archive_names_the_decompression_error(tmp_path):
+    archive = write_cifar_archive(tmp_path, n_train=400, extract=False)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    with pytest.raises(DataError) as error:
+        _extract_into(archive)
+    assert str(error.value) == (f"{archive} is truncated or corrupt (Compressed file ended before the end-of-stream "
+                                "marker was reached): delete it to download it again")
+
+
+def test_an_archive_of_another_folder_or_with_a_missing_batch_is_named_exactly(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    archive = other / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        note = tarfile.TarInfo("something-else/readme.txt")
+        tar.addfile(note, io.BytesIO(b""))
+    with pytest.raises(DataError) as error:
+        _extract_into(archive)
+    assert str(error.value) == f"{archive} does not hold cifar-10-batches-py/: it is not the CIFAR-10 archive"
+
+    archive = _repacked(tmp_path, lambda folder: (folder / "test_batch").unlink())
+    with pytest.raises(DataError) as error:
+        _extract_into(archive)
+    assert str(error.value) == (f"{archive} is incomplete: cifar-10-batches-py/test_batch is missing; delete it to "
+                                "download it again")
+    assert sorted(path.name for path in archive.parent.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+def test_a_folder_another_process_extracted_first_is_used(tmp_path, monkeypatch):
+    archive = write_cifar_archive(tmp_path, extract=False)
+    real = Path.rename
+
+    def lose_the_race(self, target):
+        real(self, target)  # the other process's rename, with the same content
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(Path, "rename", lose_the_race)
+    _extract_into(archive)
+    assert (tmp_path / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
+def test_a_rename_that_fails_for_another_reason_is_not_hidden(tmp_path, monkeypatch):
+    archive = write_cifar_archive(tmp_path, extract=False)
+
+    def fail(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "rename", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _extract_into(archive)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+# --- the ImageFolder loader's settings ---------------------------------------------------------------------------
+
+
+def test_the_imagefolder_transforms_are_timms_random_training_and_fixed_evaluation_ones(tmp_path):
+    from fsam.data.imagefolder import imagefolder_transforms
+
+    train, test = imagefolder_transforms(24)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    random.seed(0)
+    crops = [train(image) for _ in range(4)]
+    assert all(crop.shape == (3, 24, 24) for crop in crops)
+    assert len({crop.sum().item() for crop in crops}) > 1  # random resized crops and flips
+    assert test(image).shape == (3, 24, 24) and torch.equal(test(image), test(image))
+
+
+def test_the_data_loader_pins_memory_only_for_a_gpu_and_keeps_its_workers_between_epochs(tmp_path):
+    paths = _png_files(tmp_path, 4)
+    assert not _folder_loader(paths).loader.pin_memory and not _folder_loader(paths).loader.persistent_workers
+    on_gpu = _folder_loader(paths, device=torch.device("cuda"), num_workers=1)  # built only, never iterated
+    assert on_gpu.loader.pin_memory and on_gpu.loader.persistent_workers and on_gpu.loader.num_workers == 1
