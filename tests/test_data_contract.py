@@ -517,3 +517,14 @@ def test_the_data_loader_pins_memory_only_for_a_gpu_and_keeps_its_workers_betwee
     assert not _folder_loader(paths).loader.pin_memory and not _folder_loader(paths).loader.persistent_workers
     on_gpu = _folder_loader(paths, device=torch.device("cuda"), num_workers=1)  # built only, never iterated
     assert on_gpu.loader.pin_memory and on_gpu.loader.persistent_workers and on_gpu.loader.num_workers == 1
+
+
+def test_an_imagefolder_bundle_passes_the_process_the_workers_and_the_device_to_every_loader(tmp_path):
+    write_imagefolder(tmp_path, classes=2, per_class=5, size=20)
+    bundle = build_data("imagenet", str(tmp_path), batch_size=2, eval_batch_size=3, image_size=16, num_workers=2,
+                        rank=1, world_size=2, val_split=4, device="cuda")  # built only: nothing reaches the GPU
+    assert bundle.info["train_per_rank"] == 3 and len(bundle.train) == 1  # 6 training images over 2 processes
+    assert (bundle.test.batches.block, bundle.val.batches.block) == (slice(5, 10), slice(2, 4))
+    for loader in (bundle.train, bundle.test, bundle.val):
+        assert loader.loader.num_workers == 2 and loader.device == torch.device("cuda") and loader.loader.pin_memory
+    assert bundle.test.batches.train is False and bundle.val.batches.train is False and bundle.train.batches.train
