@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import io
+import pickle
 import random
 import socket
+import struct
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -528,3 +530,162 @@ def test_an_imagefolder_bundle_passes_the_process_the_workers_and_the_device_to_
     for loader in (bundle.train, bundle.test, bundle.val):
         assert loader.loader.num_workers == 2 and loader.device == torch.device("cuda") and loader.loader.pin_memory
     assert bundle.test.batches.train is False and bundle.val.batches.train is False and bundle.train.batches.train
+
+
+# --- reading CIFAR batches ---------------------------------------------------------------------------------------
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2's ``str`` opcodes, as in the official CIFAR archives (pickled by Python 2)."""
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def _rewrite(path: Path, content: dict, python2: bool = False) -> None:
+    with open(path, "wb") as file:
+        (_Python2Pickler(file, protocol=2) if python2 else pickle.Pickler(file, protocol=2)).dump(content)
+
+
+def _batch(path: Path) -> dict:
+    with open(path, "rb") as file:
+        return pickle.load(file, encoding="bytes")
+
+
+def _cifar10(tmp_path: Path) -> Path:
+    write_cifar_archive(tmp_path, n_train=10, n_test=4)
+    return tmp_path / "cifar-10-batches-py"
+
+
+def _read(tmp_path: Path, variant: str = "cifar10"):
+    return cifar.read_folder(cifar.VARIANTS[variant], tmp_path / cifar.VARIANTS[variant].folder)
+
+
+def test_batches_pickled_by_python_2_with_byte_string_pixels_are_read(tmp_path):
+    folder = _cifar10(tmp_path)
+    expected = _read(tmp_path)
+    for name in ("data_batch_1", "test_batch"):
+        batch = _batch(folder / name)
+        assert max(bytes(np.asarray(batch[b"data"]).tobytes())) >= 128  # not ASCII: needs encoding="bytes"
+        _rewrite(folder / name, batch, python2=True)
+    again = _read(tmp_path)
+    assert np.array_equal(again.train_images, expected.train_images) and again.train_images.dtype == np.uint8
+    assert np.array_equal(again.test_labels, expected.test_labels)
+
+
+def test_batches_with_text_keys_are_read_too(tmp_path):
+    folder = _cifar10(tmp_path)
+    expected = _read(tmp_path)
+    batch = _batch(folder / "test_batch")
+    _rewrite(folder / "test_batch", {key.decode(): value for key, value in batch.items()})
+    assert np.array_equal(_read(tmp_path).test_images, expected.test_images)
+
+
+def test_integer_pixels_from_0_to_255_are_taken_and_one_outside_is_refused(tmp_path):
+    folder = _cifar10(tmp_path)
+    batch = _batch(folder / "test_batch")
+    pixels = np.asarray(batch[b"data"]).astype(np.int64)
+    pixels[0, :2] = (0, 255)
+    _rewrite(folder / "test_batch", {**batch, b"data": pixels})
+    read = _read(tmp_path)
+    assert read.test_images.dtype == np.uint8 and read.test_images[0, 0, 0, :2].tolist() == [0, 255]
+    for bad, shown in ((256, "[0, 256]"), (-1, "[-1, 255]")):
+        pixels[0, 0] = bad
+        _rewrite(folder / "test_batch", {**batch, b"data": pixels})
+        with pytest.raises(DataError) as error:
+            _read(tmp_path)
+        assert str(error.value) == (f"{folder / 'test_batch'} holds int64 pixels in {shown}: CIFAR batches hold "
+                                    f"uint8 pixels 0-255; delete {folder} to extract it again from "
+                                    "cifar-10-python.tar.gz")
+
+
+def test_an_empty_training_batch_beside_full_ones_is_read_as_no_images(tmp_path):
+    folder = _cifar10(tmp_path)
+    _rewrite(folder / "data_batch_5", {b"data": [], b"labels": []})
+    read = _read(tmp_path)
+    assert read.train_images.shape[1:] == (3, 32, 32) and len(read.train_images) == len(read.train_labels) == 8
+
+
+def test_an_empty_split_is_named_with_its_files(tmp_path):
+    folder = _cifar10(tmp_path)
+    for number in range(1, 6):
+        _rewrite(folder / f"data_batch_{number}", {b"data": np.zeros((0, 3072), np.uint8), b"labels": []})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path)
+    assert str(error.value) == (f"{folder} holds no training images (data_batch_1, data_batch_2, data_batch_3, "
+                                f"data_batch_4, data_batch_5: 0 examples): delete {folder} to extract it again from "
+                                "cifar-10-python.tar.gz")
+
+
+def test_a_batch_that_is_not_readable_is_named_with_the_reason(tmp_path):
+    folder = _cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(b"")
+    with pytest.raises(DataError) as error:
+        _read(tmp_path)
+    assert str(error.value) == (f"{folder / 'test_batch'} is not a readable CIFAR-10 batch (Ran out of input): "
+                                f"delete {folder} to extract it again from cifar-10-python.tar.gz")
+
+
+@pytest.mark.parametrize(("variant", "batch_name", "key", "shown"), [
+    ("cifar10", "test_batch", b"labels", "labels"),
+    ("cifar100", "train", b"fine_labels", "labels"),
+    ("cifar100", "train", b"coarse_labels", "coarse"),
+])
+def test_labels_that_do_not_match_the_images_in_number_are_refused(tmp_path, variant, batch_name, key, shown):
+    write_cifar_archive(tmp_path, variant, n_train=10, n_test=4)
+    folder = tmp_path / cifar.VARIANTS[variant].folder
+    batch = _batch(folder / batch_name)
+    images = len(batch[b"data"])
+    _rewrite(folder / batch_name, {**batch, key: list(batch[key])[:-1]})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path, variant)
+    assert str(error.value) == (f"{folder / batch_name} holds {images} images but {images - 1} {shown} labels: "
+                                f"delete {folder} to extract it again from {cifar.VARIANTS[variant].archive}")
+
+
+@pytest.mark.parametrize(("key", "bound"), [(b"fine_labels", 100), (b"coarse_labels", 20)])
+def test_cifar100_labels_out_of_range_are_named_with_the_file_and_the_fix(tmp_path, key, bound):
+    write_cifar_archive(tmp_path, "cifar100", n_train=10, n_test=4)
+    folder = tmp_path / "cifar-100-python"
+    batch = _batch(folder / "train")
+    _rewrite(folder / "train", {**batch, key: [bound] + list(batch[key])[1:]})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path, "cifar100")
+    assert str(error.value) == (f"{folder / 'train'} holds the label {bound} in {key.decode()!r}: CIFAR labels are "
+                                f"whole numbers in [0, {bound}); delete {folder} to extract it again from "
+                                "cifar-100-python.tar.gz")
+
+
+def test_the_cifar10_confusion_map_is_the_published_one():
+    from fsam.data.noise import cifar10_class_map
+
+    # truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog (Patrini et al., 2017)
+    assert cifar10_class_map().tolist() == [0, 1, 0, 5, 7, 3, 6, 7, 8, 1]
+
+
+# --- scanning an ImageFolder -------------------------------------------------------------------------------------
+
+
+def test_classes_come_from_train_so_a_val_split_without_one_keeps_the_numbering(tmp_path):
+    from fsam.data.imagefolder import scan_imagefolder
+
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for name in classes:
+            _png_files(tmp_path / split / name, 1)
+    (tmp_path / "train" / "bee" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "bee" / "folder.png").mkdir()
+    splits = scan_imagefolder(tmp_path)
+    assert splits.classes == ["ant", "bee", "cat"]
+    assert splits.train_labels.tolist() == [0, 1, 2] and splits.test_labels.tolist() == [0, 2]
+    assert splits.train_labels.dtype == np.int64
+    _png_files(tmp_path / "val" / "dog", 1)
+    with pytest.raises(DataError) as error:
+        scan_imagefolder(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'val' / 'dog'} is a class that {tmp_path / 'train'} does not have: the "
+                                "val classes must be train's")
