@@ -106,7 +106,7 @@ def recording_server(tmp_path):
     served.mkdir()
     handler = type("Handler", (_RecordingHandler,), {"seen": [], "watched": None})
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}", handler
     server.shutdown()
