@@ -23,6 +23,7 @@ from PIL import Image
 
 from datagen import md5_of, write_cifar_archive, write_imagefolder
 from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar, seeding
+from fsam.data.augment import augment, draw_augmentation
 from fsam.data.imagefolder import FolderLoader
 from fsam.errors import DataError
 from fsam.data.seeding import derive_seed, generator
@@ -689,3 +690,109 @@ def test_classes_come_from_train_so_a_val_split_without_one_keeps_the_numbering(
         scan_imagefolder(tmp_path)
     assert str(error.value) == (f"{tmp_path / 'val' / 'dog'} is a class that {tmp_path / 'train'} does not have: the "
                                 "val classes must be train's")
+
+
+# --- digits, the quick start's data set --------------------------------------------------------------------------
+
+
+def test_digits_are_8x8_counts_scaled_to_0_255_as_4x4_blocks_in_three_equal_channels():
+    from fsam.data.digits import load_digits
+
+    digits = load_digits()
+    images = digits.train_images
+    assert images.dtype == np.uint8 and images.shape == (1437, 3, 32, 32) and digits.test_images.shape[0] == 360
+    assert sorted(np.unique(images).tolist()) == [round(v * 255 / 16) for v in range(17)]  # 0, 16, ..., 143, ..., 255
+    assert (images == images[:, :1]).all()  # grey: three equal channels
+    blocks = images[:, 0].reshape(1437, 8, 4, 8, 4)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # every 8x8 value as a 4x4 block
+    pixels = images[:, 0] / 255.0
+    assert (digits.mean, digits.std) == (pytest.approx(pixels.mean()), pytest.approx(pixels.std()))
+    assert (digits.mean, digits.std) == (pytest.approx(0.3054337, abs=1e-7), pytest.approx(0.3759572, abs=1e-7))
+
+
+# --- the augmentation's random stream ----------------------------------------------------------------------------
+
+
+def test_the_augmentation_draws_of_a_seed_are_the_ones_published_records_were_made_with():
+    """A change to what is drawn, or in which order, changes every augmented batch of every seed: a resumed or
+    repeated run would no longer be the run it claims to be."""
+    draws = draw_augmentation(AugmentSpec(), 5, 32, 32, torch.Generator().manual_seed(7))
+    assert draws.tolist() == [[0, 4, 7, 2, 4], [6, 8, 5, 4, 8], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1],
+                              [4, 16, 31, 7, 12], [0, 11, 23, 26, 6]]
+
+
+@pytest.mark.parametrize("size", [5, 16])
+def test_the_cutout_square_starts_half_its_size_before_its_centre(size):
+    inputs = torch.ones(3, 1, 32, 32)
+    draws = torch.tensor([[0] * 3, [0] * 3, [0] * 3, [1, 1, 0], [10, 1, 20], [20, 30, 5]])
+    spec = AugmentSpec(crop=False, flip=False, normalize=False, cutout_size=size)
+    out = augment(torch.full((3, 1, 32, 32), 255, dtype=torch.uint8), draws, spec, torch.zeros(1), torch.ones(1))
+    expected = inputs.clone()
+    expected[0, :, 10 - size // 2: 10 - size // 2 + size, 20 - size // 2: 20 - size // 2 + size] = 0
+    expected[1, :, : 1 - size // 2 + size, 30 - size // 2:] = 0  # clipped at the top and right borders
+    assert torch.equal(out, expected)
+
+
+# --- CIFAR under torch.distributed -------------------------------------------------------------------------------
+
+
+class _FakeGroup:
+    """torch.distributed as an initialised process group would answer, recording the barriers."""
+
+    def __init__(self, monkeypatch):
+        import torch.distributed as dist
+
+        self.events: list[str] = []
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "barrier", lambda: self.events.append("barrier"))
+
+    def prepare(self, download: bool) -> Path:
+        self.events.append(f"prepare(download={download})")
+        return Path("folder")
+
+
+@pytest.mark.parametrize(("rank", "world_size", "expected"), [
+    (0, 2, ["prepare(download=True)", "barrier"]),
+    (1, 2, ["barrier", "prepare(download=False)"]),
+    (3, 4, ["barrier", "prepare(download=False)"]),
+    (0, 1, ["prepare(download=True)"]),
+])
+def test_rank_zero_prepares_the_data_first_and_the_others_wait_and_never_download(monkeypatch, rank, world_size,
+                                                                                   expected):
+    group = _FakeGroup(monkeypatch)
+    assert cifar._rank_zero_first(group.prepare, True, rank, world_size) == Path("folder")
+    assert group.events == expected
+
+
+def test_rank_zero_releases_the_others_even_when_its_preparation_fails(monkeypatch):
+    group = _FakeGroup(monkeypatch)
+
+    def fail(download):
+        raise DataError("no data")
+
+    with pytest.raises(DataError):
+        cifar._rank_zero_first(fail, True, 0, 2)
+    assert group.events == ["barrier"]
+
+
+def test_load_cifar_downloads_by_default_as_the_only_process_and_passes_its_rank(tmp_path, monkeypatch):
+    group = _FakeGroup(monkeypatch)
+    asked = []
+    monkeypatch.setattr(cifar, "_download", lambda variant, url, md5, root: asked.append(url) or (_ for _ in ()).throw(
+        DataError("offline")))
+    with pytest.raises(DataError, match="offline"):
+        cifar.load_cifar("cifar10", tmp_path)
+    assert asked == [cifar.VARIANTS["cifar10"].url] and group.events == []  # one process: no barrier
+    with pytest.raises(DataError, match="offline"):
+        cifar.load_cifar("cifar10", tmp_path, rank=0, world_size=2)
+    assert group.events == ["barrier"]
+
+
+def test_an_archive_that_fails_its_checksum_says_to_delete_it(tmp_path):
+    archive = write_cifar_archive(tmp_path, extract=False)
+    with pytest.raises(DataError) as error:
+        build_data("cifar10", str(tmp_path), batch_size=8, download=False, md5="0" * 32)
+    assert str(error.value) == (f"{archive} does not match its md5 checksum (expected {'0' * 32}, got "
+                                f"{md5_of(archive)}): it is truncated or corrupt; delete it to download it again, or "
+                                "set dataset.md5= if it is a different archive on purpose")
