@@ -796,3 +796,35 @@ def test_an_archive_that_fails_its_checksum_says_to_delete_it(tmp_path):
     assert str(error.value) == (f"{archive} does not match its md5 checksum (expected {'0' * 32}, got "
                                 f"{md5_of(archive)}): it is truncated or corrupt; delete it to download it again, or "
                                 "set dataset.md5= if it is a different archive on purpose")
+
+
+@pytest.mark.parametrize(("labels", "shown"), [
+    (np.array([3.0, 2.5, 1.0]), "3.0"),  # a float array: its first value, as a plain number
+    (np.array([[1.0], [2.5], [0.0]]), "1.0"),  # a column: flattened first
+    ([2**70, 1, 2], str(2**70)),  # whole numbers too large for int64
+])
+def test_the_first_label_that_is_not_a_class_number_is_named_as_written(tmp_path, labels, shown):
+    folder = _cifar10(tmp_path)
+    batch = _batch(folder / "test_batch")
+    _rewrite(folder / "test_batch", {**batch, b"data": np.asarray(batch[b"data"])[:3], b"labels": labels})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path)
+    assert str(error.value).startswith(f"{folder / 'test_batch'} holds the label {shown} in 'labels': CIFAR labels are")
+
+
+def test_labels_stored_as_a_column_are_read_as_one_label_per_image(tmp_path):
+    folder = _cifar10(tmp_path)
+    batch = _batch(folder / "test_batch")
+    expected = list(batch[b"labels"])
+    _rewrite(folder / "test_batch", {**batch, b"labels": np.asarray(expected, dtype=np.int32)[:, None]})
+    read = _read(tmp_path)
+    assert read.test_labels.dtype == np.int64 and read.test_labels.tolist() == expected
+
+
+def test_seeds_and_epoch_orders_are_the_ones_published_records_were_made_with():
+    """Every shuffle, noisy label and augmentation draws from these: a change would silently make a resumed or
+    repeated run another run."""
+    assert derive_seed(1, 2, 3) == 6498626229777268288 and derive_seed(0) == 7896617691693857887
+    from fsam.data.loaders import epoch_order
+
+    assert epoch_order(10, 1, 0)[0].tolist() == [6, 9, 4, 1, 3, 5, 0, 2, 8, 7]
