@@ -802,6 +802,7 @@ def test_an_archive_that_fails_its_checksum_says_to_delete_it(tmp_path):
     (np.array([3.0, 2.5, 1.0]), "3.0"),  # a float array: its first value, as a plain number
     (np.array([[1.0], [2.5], [0.0]]), "1.0"),  # a column: flattened first
     ([2**70, 1, 2], str(2**70)),  # whole numbers too large for int64
+    ([np.int64(1), np.float64(2.5), 0], "2.5"),  # numpy scalars in a list: as plain numbers
 ])
 def test_the_first_label_that_is_not_a_class_number_is_named_as_written(tmp_path, labels, shown):
     folder = _cifar10(tmp_path)
