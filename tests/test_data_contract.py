@@ -25,6 +25,7 @@ from datagen import md5_of, write_cifar_archive, write_imagefolder
 from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar, seeding
 from fsam.data.augment import augment, draw_augmentation
 from fsam.data.imagefolder import FolderLoader
+from fsam.data.loaders import DeviceLoader
 from fsam.errors import DataError
 from fsam.data.seeding import derive_seed, generator
 from fsam.errors import ConfigError
@@ -829,3 +830,38 @@ def test_seeds_and_epoch_orders_are_the_ones_published_records_were_made_with():
     from fsam.data.loaders import epoch_order
 
     assert epoch_order(10, 1, 0)[0].tolist() == [6, 9, 4, 1, 3, 5, 0, 2, 8, 7]
+
+
+# --- the device loader built directly ----------------------------------------------------------------------------
+
+
+def _device_loader(train: bool, count: int = 11, **kwargs) -> DeviceLoader:
+    images = torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1).expand(count, 3, 8, 8).clone()
+    images[:, :, :, :4] += 100  # left half brighter: a flip would show
+    return DeviceLoader(images, torch.arange(count), batch_size=2, augment_spec=kwargs.pop("augment_spec", AugmentSpec()),
+                        mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25), seed=4, train=train, **kwargs)
+
+
+def test_a_device_loader_by_default_is_the_only_process_keeps_the_size_and_drops_the_last_training_batch():
+    train = _device_loader(train=True)
+    assert len(train) == 5 and sum(len(t) for _, t in train.iterate(0)) == 10
+    inputs, _ = next(train.iterate(0))
+    assert inputs.shape == (2, 3, 8, 8) and inputs.is_contiguous()
+    assert len(_device_loader(train=True, drop_last=False)) == 6
+
+
+def test_the_test_split_of_a_device_loader_is_only_normalised_whatever_the_recipe_says():
+    test = _device_loader(train=False, augment_spec=AugmentSpec(cutout_prob=1.0))
+    inputs = torch.cat([x for x, _ in test.iterate(0)])
+    images = _device_loader(train=False).images.float() / 255.0
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.5, 0.25]).view(1, 3, 1, 1)
+    torch.testing.assert_close(inputs, (images - mean) / std, rtol=0, atol=1e-6)
+
+
+def test_training_shards_of_a_device_loader_are_equal_blocks_of_the_epochs_permutation():
+    ranks = [_device_loader(train=True, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [len(loader) for loader in ranks] == [2, 2]  # 5 each; the 11th example sits the epoch out
+    from fsam.data.loaders import epoch_order
+
+    order = epoch_order(11, 4, 0)[0].tolist()
+    assert [[t for _, ts in loader.iterate(0) for t in ts.tolist()] for loader in ranks] == [order[0:4], order[5:9]]
