@@ -865,3 +865,51 @@ def test_training_shards_of_a_device_loader_are_equal_blocks_of_the_epochs_permu
 
     order = epoch_order(11, 4, 0)[0].tolist()
     assert [[t for _, ts in loader.iterate(0) for t in ts.tolist()] for loader in ranks] == [order[0:4], order[5:9]]
+
+
+# --- augmentation switches against the draws ---------------------------------------------------------------------
+
+
+def _draw_rows(batch: int, **rows: list[int]) -> torch.Tensor:
+    names = ["offset_y", "offset_x", "flip", "cutout", "centre_y", "centre_x"]
+    return torch.tensor([rows.get(name, [0] * batch) for name in names])
+
+
+def _plain(images: torch.Tensor, draws: torch.Tensor, **switches) -> torch.Tensor:
+    spec = AugmentSpec(normalize=False, **switches)
+    return augment(images, draws, spec, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+
+
+def test_flip_without_crop_uses_the_drawn_flips_and_never_shifts():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    draws = draw_augmentation(AugmentSpec(crop=False, cutout=False), 6, 8, 8, torch.Generator().manual_seed(1))
+    out = _plain(images, draws, crop=False, cutout=False)
+    for image, result, flipped in zip(images.float() / 255.0, out, draws[2].tolist()):
+        assert torch.equal(result, image.flip(-1) if flipped else image)
+    assert 0 < sum(draws[2].tolist()) < 6
+
+
+def test_parts_switched_off_are_skipped_whatever_the_draws_say():
+    images = torch.randint(1, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    draws = _draw_rows(2, offset_y=[0, 8], offset_x=[8, 0], flip=[1, 1], cutout=[1, 1], centre_y=[4, 4],
+                       centre_x=[4, 4])
+    assert torch.equal(_plain(images, draws, crop=False, flip=False, cutout=False), images.float() / 255.0)
+
+
+def test_a_cutout_of_one_pixel_zeroes_exactly_that_pixel():
+    images = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
+    out = _plain(images, _draw_rows(1, cutout=[1], centre_y=[2], centre_x=[5]), crop=False, flip=False,
+                 cutout_size=1)
+    assert (out == 0).nonzero().tolist() == [[0, channel, 2, 5] for channel in range(3)]
+
+
+def test_a_smaller_image_size_averages_each_2x2_block_half_pixel_centred():
+    """Bilinear with half-pixel centres (align_corners=False) at an exact factor of two is the 2x2 mean; nearest
+    neighbour or corner-aligned resizing would keep the checkerboard's extremes."""
+    count = 4
+    board = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 255).to(torch.uint8)
+    images = board.expand(count, 3, 8, 8).clone()
+    loader = DeviceLoader(images, torch.arange(count), batch_size=count, augment_spec=NO_AUGMENT, mean=(0.0,) * 3,
+                          std=(1.0,) * 3, seed=0, train=False, image_size=4)
+    inputs, _ = next(loader.iterate(0))
+    torch.testing.assert_close(inputs, torch.full((count, 3, 4, 4), 0.5), rtol=0, atol=1e-6)
