@@ -894,6 +894,8 @@ def test_parts_switched_off_are_skipped_whatever_the_draws_say():
     draws = _draw_rows(2, offset_y=[0, 8], offset_x=[8, 0], flip=[1, 1], cutout=[1, 1], centre_y=[4, 4],
                        centre_x=[4, 4])
     assert torch.equal(_plain(images, draws, crop=False, flip=False, cutout=False), images.float() / 255.0)
+    centred = _draw_rows(2, offset_y=[4, 4], offset_x=[4, 4], flip=[1, 1], cutout=[1, 1])  # crops that do not shift
+    assert torch.equal(_plain(images, centred, flip=False, cutout=False), images.float() / 255.0)
 
 
 def test_a_cutout_of_one_pixel_zeroes_exactly_that_pixel():
