@@ -26,6 +26,7 @@ from fsam.data import AugmentSpec, NoiseSpec, build_data, cifar, seeding
 from fsam.data.augment import augment, draw_augmentation
 from fsam.data.imagefolder import FolderLoader
 from fsam.data.loaders import DeviceLoader
+from fsam.data.noise import corrupt_labels
 from fsam.errors import DataError
 from fsam.data.seeding import derive_seed, generator
 from fsam.errors import ConfigError
@@ -915,3 +916,36 @@ def test_a_smaller_image_size_averages_each_2x2_block_half_pixel_centred():
                           std=(1.0,) * 3, seed=0, train=False, image_size=4)
     inputs, _ = next(loader.iterate(0))
     torch.testing.assert_close(inputs, torch.full((count, 3, 4, 4), 0.5), rtol=0, atol=1e-6)
+
+
+# --- label noise and the validation split, as published -----------------------------------------------------------
+
+
+def test_no_noise_returns_the_labels_and_an_empty_record_even_with_a_ratio_set():
+    labels = torch.arange(20) % 10
+    for spec in (NoiseSpec(), NoiseSpec("none", 0.4, seed=2), NoiseSpec("symmetric", 0.0)):
+        noisy, record = corrupt_labels(labels, 10, spec, None)
+        assert torch.equal(noisy, labels) and noisy is not labels
+        assert record == {"kind": spec.kind, "ratio": spec.ratio, "seed": spec.seed, "selected": 0, "flipped": 0}
+
+
+def test_asymmetric_noise_without_a_class_map_is_refused_in_words():
+    with pytest.raises(ConfigError) as error:
+        corrupt_labels(torch.arange(10), 10, NoiseSpec("asymmetric", 0.2), None)
+    assert str(error.value) == ("dataset.noise.kind=asymmetric needs a class map, and this data set has none: use "
+                                "dataset.noise.kind=symmetric or none")
+
+
+def test_symmetric_noise_draws_every_class_including_the_first():
+    noisy, record = corrupt_labels(torch.full((400,), 5), 10, NoiseSpec("symmetric", 1.0, seed=1), None)
+    assert set(noisy.tolist()) == set(range(10)) and record["selected"] == 400
+
+
+def test_noisy_labels_and_the_validation_split_of_a_seed_are_the_ones_published_records_were_made_with():
+    noisy, record = corrupt_labels(torch.arange(12) % 4, 4, NoiseSpec("symmetric", 0.5, seed=3), None)
+    assert noisy.tolist() == [0, 1, 3, 0, 1, 0, 2, 0, 0, 0, 2, 3]
+    assert record == {"kind": "symmetric", "ratio": 0.5, "seed": 3, "selected": 6, "flipped": 6}
+    from fsam.data.factory import _hold_out
+
+    (kept, _), (held, _) = _hold_out(np.arange(10), np.arange(10), 3, 2)
+    assert held.tolist() == [0, 4, 5] and kept.tolist() == [1, 2, 3, 6, 7, 8, 9]
