@@ -949,3 +949,30 @@ def test_noisy_labels_and_the_validation_split_of_a_seed_are_the_ones_published_
 
     (kept, _), (held, _) = _hold_out(np.arange(10), np.arange(10), 3, 2)
     assert held.tolist() == [0, 4, 5] and kept.tolist() == [1, 2, 3, 6, 7, 8, 9]
+
+
+def test_a_part_switched_off_draws_its_neutral_value_and_the_others_keep_their_numbers():
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    full = draw_augmentation(AugmentSpec(), 50, 32, 32, generator())
+    off = {
+        "crop": (AugmentSpec(crop=False), [0, 1], 4),
+        "flip": (AugmentSpec(flip=False), [2], 0),
+        "cutout": (AugmentSpec(cutout=False), [3], 0),
+        "cutout_size": (AugmentSpec(cutout_size=0), [3], 0),
+    }
+    for name, (spec, rows, neutral) in off.items():
+        draws = draw_augmentation(spec, 50, 32, 32, generator())
+        assert (draws[rows] == neutral).all(), name
+        others = [row for row in range(6) if row not in rows]
+        assert torch.equal(draws[others], full[others]), name
+    assert full[3].any() and full[2].any() and (full[0] != 4).any()
+
+
+def test_build_data_defaults_are_seed_0_validation_seed_0_two_workers_and_standard_layout(tmp_path):
+    default = build_data("digits", "unused", batch_size=64, val_split=20)
+    explicit = build_data("digits", "unused", batch_size=64, val_split=20, seed=0, val_seed=0)
+    assert torch.equal(next(default.train.iterate(0))[0], next(explicit.train.iterate(0))[0])
+    assert torch.equal(next(default.val.iterate(0))[1], next(explicit.val.iterate(0))[1])
+    assert next(default.train.iterate(0))[0].is_contiguous()
+    write_imagefolder(tmp_path, classes=2, per_class=2, size=20)
+    assert build_data("imagenet", str(tmp_path), batch_size=2, image_size=16).train.loader.num_workers == 2
