@@ -1,0 +1,831 @@
+"""The engine's contract, stated exactly and checked fast (the tests mutation testing runs for every mutant).
+
+Runs here train a linear classifier (``TinyNet``, put in place of ``create_model``) on 40 CIFAR-format images in
+batches of 16, so an epoch is 3 steps of 16, 16 and 8 examples, and a whole ``run()`` takes a few hundredths of a
+second. The model is irrelevant to what is checked: the records a run writes, what it prints, checkpoints and
+resuming, stopping, and the helpers of every engine module, with expected values worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import random
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fsam.engine.loop as loop
+from conftest import merge, metrics_of, stop_at_call, without_times
+from fsam.config import ScheduleConfig, load_config
+from fsam.engine import distributed, preemption, run
+from fsam.engine.checkpoint import CheckpointStore, _as_tuples, _os_error_in, capture_rng, restore_rng
+from fsam.engine.evaluate import evaluate, topk_correct
+from fsam.engine.loop import EpochTotals, _chosen_by_validation, precision_mode, refuse_other_run
+from fsam.engine.preemption import StopSignals, signal_name
+from fsam.engine.schedule import create_schedule, lr_factor
+from fsam.engine.wandb_mirror import WandbMirror, new_run_id
+from fsam.errors import CheckpointError, ConfigError, DataError, DivergedError, FsamError, Interrupted
+from fsam.optim import Precision
+from fsam.runfolder import RunFolder, RunFolderError, default_run_dir
+from fsam.wandbio import epoch_record
+
+LR = 0.01
+SIZES = [16, 16, 8]  # one epoch: 40 training images in batches of 16, the last one partial
+STEPS = len(SIZES)
+PARAMETERS = 3 * 32 * 32 * 10 + 10  # TinyNet on CIFAR-10
+
+
+class TinyNet(nn.Module):
+    """A linear classifier of the flattened image, with optional dropout (which draws from torch's generator)."""
+
+    def __init__(self, classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(3 * 32 * 32, classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(inputs.flatten(1)))
+
+
+@pytest.fixture
+def built(monkeypatch) -> list[dict]:
+    """TinyNet in place of the engine's model factory; each build's arguments are appended to the list returned.
+    A ``dropout`` entry in model.kwargs is the TinyNet's dropout."""
+    calls: list[dict] = []
+
+    def create(name, num_classes, **kwargs):
+        calls.append({"name": name, "num_classes": num_classes, **kwargs})
+        return TinyNet(num_classes, kwargs.get("dropout", 0.0))
+
+    monkeypatch.setattr(loop, "create_model", create)
+    return calls
+
+
+@pytest.fixture
+def small(tiny_config, built):
+    """``small(**changes)``: a config of 2 epochs of 3 steps (16, 16, 8 examples) of SGD on TinyNet."""
+
+    def make(**changes):
+        base = tiny_config(
+            model={"name": "pyramidnet110", "kwargs": {"depth": 8}},
+            dataset={"train_subset": 40, "drop_last": False,
+                     "augment": {"crop": False, "flip": False, "cutout": False}},
+            optimizer={"name": "sgd", "lr": LR},
+        )
+        return merge(base, changes)
+
+    return make
+
+
+def record_steps(monkeypatch) -> list[dict]:
+    """Wrap the loop's train_step; each call appends its arguments' essentials and what it returned."""
+    real = loop.train_step
+    steps: list[dict] = []
+
+    def recording(model, inputs, targets, loss_fn, optimizer, **kwargs):
+        lr = optimizer.param_groups[0]["lr"]
+        out = real(model, inputs, targets, loss_fn, optimizer, **kwargs)
+        steps.append({"lr": lr, "n": len(targets), "loss": out.loss.item(), "targets": targets.clone(),
+                      "logits": out.logits.clone(), "kwargs": kwargs, "loss_fn": loss_fn})
+        return out
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    return steps
+
+
+def checkpoint(run_dir, name: str = "last.pt") -> dict:
+    return torch.load(Path(run_dir) / "checkpoints" / name, weights_only=True)
+
+
+def cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def output_lines(capsys) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+# ------------------------------------------------------------------------------------------- one whole run
+
+
+def test_each_metrics_row_states_the_epoch_exactly(small, monkeypatch):
+    steps = record_steps(monkeypatch)
+    config = small()
+    run(config)
+    rows = metrics_of(config["run_dir"])
+
+    assert [step["n"] for step in steps] == SIZES * 2
+    assert [step["lr"] for step in steps] == pytest.approx([LR * cosine(s, 2 * STEPS) for s in range(2 * STEPS)])
+    for epoch, row in enumerate(rows):
+        assert set(row) == {"epoch", "step", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+                            "lr", "images_per_s", "skipped_steps", "epoch_time_s", "wall_time_s"}
+        epoch_steps = steps[epoch * STEPS: (epoch + 1) * STEPS]
+        loss = sum(s["loss"] * s["n"] for s in epoch_steps) / 40
+        correct = sum(int((s["logits"].argmax(1) == s["targets"]).sum()) for s in epoch_steps)
+        assert (row["epoch"], row["step"], row["skipped_steps"]) == (epoch + 1, (epoch + 1) * STEPS, 0)
+        assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
+        assert row["train_top1"] == pytest.approx(100.0 * correct / 40, abs=1e-9)
+        assert row["lr"] == pytest.approx(LR * cosine((epoch + 1) * STEPS, 2 * STEPS), abs=1e-15)  # after the epoch
+        assert row["epoch_time_s"] > 0
+        assert row["images_per_s"] == pytest.approx(40 / row["epoch_time_s"], rel=1e-9)
+    unweighted = sum(s["loss"] for s in steps[:STEPS]) / STEPS
+    assert abs(unweighted - rows[0]["train_loss"]) > 1e-6, "the 8-example batch must weigh less"
+    assert rows[0]["lr"] == pytest.approx(LR / 2) and rows[1]["lr"] == pytest.approx(0.0, abs=1e-15)
+    assert 0 < rows[0]["wall_time_s"] < rows[1]["wall_time_s"]
+    assert rows[0]["epoch_time_s"] <= rows[0]["wall_time_s"]
+
+
+def test_each_row_holds_what_evaluate_said_of_the_model_of_that_epoch(small, monkeypatch):
+    real = loop.evaluate
+    seen = []
+
+    def recording(model, loader, precision, device, split="test"):
+        result = real(model, loader, precision, device, split=split)
+        seen.append((split, result, {k: v.clone() for k, v in model.state_dict().items()}))
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", recording)
+    config = small(dataset={"val_split": 8})
+    summary = run(config)
+    rows = metrics_of(config["run_dir"])
+    assert [split for split, _, _ in seen] == ["test", "val", "test", "val"]
+    for epoch, row in enumerate(rows):
+        (_, test, weights), (_, val, _) = seen[2 * epoch], seen[2 * epoch + 1]
+        assert {k: row[k] for k in test} == test and {k: row[k] for k in val} == val
+        saved = checkpoint(config["run_dir"], "last.prev.pt" if epoch == 0 else "last.pt")
+        assert all(torch.equal(weights[k], saved["model"][k]) for k in weights)
+    best_val = max(rows, key=lambda row: row["val_top1"])
+    assert summary["best_val_top1"] == best_val["val_top1"]
+    assert summary["final_val_top1"] == rows[-1]["val_top1"]
+
+
+def test_the_summary_states_the_run(small, capsys):
+    config = small()
+    summary = run(config)
+    rows = metrics_of(config["run_dir"])
+    written = json.loads((Path(config["run_dir"]) / "summary.json").read_text())
+    assert written == summary
+    recorded = json.loads(json.dumps(summary))  # as the file has it
+    assert recorded["status"] == "finished"
+    assert (summary["final_top1"], summary["final_top5"]) == (rows[-1]["test_top1"], rows[-1]["test_top5"])
+    assert (summary["final_test_loss"], summary["final_train_loss"]) == (rows[-1]["test_loss"],
+                                                                           rows[-1]["train_loss"])
+    best = max(rows, key=lambda row: row["test_top1"])  # the first of equal ones
+    assert (summary["best_top1"], summary["best_epoch"]) == (best["test_top1"], best["epoch"])
+    assert (summary["epochs"], summary["global_steps"], summary["skipped_steps"]) == (2, 6, 0)
+    assert (summary["world_size"], summary["amp"], summary["device"], summary["seed"], summary["method"]) == (
+        1, "off", "cpu", 1, "sgd")
+    assert summary["run_dir"] == config["run_dir"]
+    assert summary["train_time_s"] == pytest.approx(sum(row["epoch_time_s"] for row in rows))
+    assert summary["images_per_s"] == pytest.approx(80 / summary["train_time_s"])
+    assert summary["wall_time_s"] >= rows[-1]["wall_time_s"]
+    assert summary["model"]["parameters"] == PARAMETERS
+    assert summary["model"]["label"] == "pyramidnet8 (0.0307M parameters)"
+    assert summary["setting"].startswith("cifar10-pyramidnet8-sgd-")
+    assert summary["setting_digest"].startswith(summary["setting"].rsplit("-", 1)[1])
+    assert summary["wandb_id"] == checkpoint(config["run_dir"])["wandb_id"]
+    assert "full_gradient_passes_per_step" not in summary and "best_val_top1" not in summary
+    assert {"git_commit", "versions"} <= set(summary)
+
+
+def test_a_run_prints_what_it_trains_each_epoch_and_the_end(small, capsys):
+    config = small()
+    summary = run(config)
+    rows = metrics_of(config["run_dir"])
+    lines = output_lines(capsys)
+    assert lines[0] == (f"training sgd on cifar10 with pyramidnet8 (0.0307M parameters): 2 epochs of 3 steps on cpu "
+                        f"(amp off); records in {config['run_dir']}")
+    for line, row in zip(lines[1:3], rows):
+        assert line == (
+            f"epoch {row['epoch']}/2  train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%  test loss "
+            f"{row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%  lr "
+            f"{row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+        )
+    assert lines[3] == (f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
+                        f"{summary['best_epoch']}) in {summary['wall_time_s']:.0f} s")
+    assert lines[4] == f"records: {config['run_dir']} (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
+    assert len(lines) == 5
+
+
+def test_the_validation_split_is_printed_in_each_epoch_line(small, capsys):
+    config = small(dataset={"val_split": 8}, trainer={"epochs": 1})
+    run(config)
+    row = metrics_of(config["run_dir"])[0]
+    assert f"top-5 {row['test_top5']:.2f}%  val top-1 {row['val_top1']:.2f}%  lr " in output_lines(capsys)[1]
+
+
+def test_the_model_is_built_from_the_config_and_the_data(small, built):
+    run(small(model={"name": "resnet18", "kwargs": {"num_classes": 10, "dropout": 0.0}}, trainer={"epochs": 1}))
+    assert built == [{"name": "resnet18", "num_classes": 10, "image_size": 32, "pretrained_path": None,
+                      "pretrained": False, "dropout": 0.0}]
+
+
+def test_a_num_classes_that_does_not_fit_the_data_is_refused(small):
+    with pytest.raises(DataError) as error:
+        run(small(model={"name": "resnet18", "kwargs": {"num_classes": 7}}))
+    assert str(error.value) == (
+        "model.kwargs.num_classes=7 does not fit dataset cifar10, which has 10 classes: remove "
+        "model.kwargs.num_classes (the head is sized from the data)"
+    )
+
+
+def test_the_data_is_built_from_the_config(small, monkeypatch):
+    real = loop.build_data
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_data", recording)
+    config = small(trainer={"epochs": 1, "seed": 3, "eval_batch_size": 32}, dataset={"noise": {"seed": None}})
+    run(config)
+    run(small(run_dir=config["run_dir"] + "-noise", trainer={"epochs": 1, "seed": 3},
+              dataset={"noise": {"kind": "symmetric", "ratio": 0.2, "seed": 11}}))
+    (args, kwargs), (_, noisy) = calls
+    assert args == ("cifar10", config["dataset"]["root"])
+    assert kwargs["noise"].seed == 3 and noisy["noise"].seed == 11  # null: the training seed's own noise
+    assert noisy["noise"].kind == "symmetric" and noisy["noise"].ratio == 0.2
+    assert {key: value for key, value in kwargs.items() if key not in ("noise", "augment")} == {
+        "batch_size": 16, "eval_batch_size": 32, "device": torch.device("cpu"), "seed": 3, "download": False,
+        "url": None, "md5": None, "image_size": 32, "num_workers": 0, "rank": 0, "world_size": 1,
+        "channels_last": False, "train_subset": 40, "val_split": 0, "val_seed": 0, "drop_last": False,
+    }
+    assert kwargs["augment"] == loop.AugmentSpec(**loop.to_plain(load_config(config).dataset.augment))
+
+
+def test_the_optimizer_and_each_step_get_the_configured_settings(small, monkeypatch):
+    real = loop.create_optimizer
+    calls = []
+
+    def recording(model, name, **kwargs):
+        calls.append((name, kwargs))
+        return real(model, name, **kwargs)
+
+    monkeypatch.setattr(loop, "create_optimizer", recording)
+    steps = record_steps(monkeypatch)
+    run(small(optimizer={"name": "sam", "rho": 0.1, "weight_decay": 0.0, "nesterov": True},
+              trainer={"epochs": 1, "micro_batches": 2, "sync_clean_pass": True, "label_smoothing": 0.25}))
+    name, kwargs = calls[0]
+    assert name == "sam"
+    assert kwargs == {"base": "sgd", "lr": LR, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0,
+                      "betas": (0.9, 0.999), "rho": 0.1, "sigma": 1.0, "lmbda": 0.6, "eta": 0.0, "ema_order": "code",
+                      "perturbation": "minibatch", "no_decay_norm_and_bias": kwargs["no_decay_norm_and_bias"]}
+    assert kwargs["no_decay_norm_and_bias"] == load_config({}).optimizer.no_decay_norm_and_bias
+    step = steps[0]
+    assert step["kwargs"]["micro_batches"] == 2 and step["kwargs"]["sync_clean_pass"] is True
+    assert step["kwargs"]["precision"].mode == "off"
+    assert step["loss_fn"].label_smoothing == 0.25
+    smoothed = F.cross_entropy(step["logits"], step["targets"], label_smoothing=0.25).item()
+    assert step["loss"] == pytest.approx(smoothed, rel=1e-5)
+
+
+def test_the_first_launch_records_where_it_started_and_the_config(small):
+    config = small()
+    run(config)
+    launches = [json.loads(line) for line in (Path(config["run_dir"]) / "launches.jsonl").read_text().splitlines()]
+    assert len(launches) == 1
+    launch = launches[0]
+    assert (launch["from_epoch"], launch["from_batch"], launch["from_step"], launch["processes"]) == (0, 0, 0, 1)
+    assert launch["pid"] == os.getpid()
+    assert {"host", "started", "command", "git_commit"} <= set(launch)
+    recorded, identity = RunFolder(config["run_dir"]).read_config()
+    assert recorded == loop.to_plain(load_config(config))
+    assert identity["model"]["parameters"] == PARAMETERS
+
+
+def test_without_run_dir_the_run_goes_to_the_default_folder(small):
+    config = small(trainer={"epochs": 1})
+    del config["run_dir"]
+    summary = run(config)
+    assert summary["run_dir"] == str(default_run_dir(load_config(config), 1))
+    assert (Path(summary["run_dir"]) / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the best
+
+
+def test_the_best_epoch_is_the_first_with_the_highest_test_top1(small, monkeypatch):
+    scripted = iter([50.0, 75.0, 75.0, 25.0])  # epochs 2 and 3 tie: the earlier one stays the best
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {**real(*a, **k), "test_top1": next(scripted)})
+    config = small(trainer={"epochs": 4})
+    summary = run(config)
+    assert (summary["best_top1"], summary["best_epoch"], summary["final_top1"]) == (75.0, 2, 25.0)
+    best, last = checkpoint(config["run_dir"], "best.pt"), checkpoint(config["run_dir"])
+    assert (best["epoch"], best["global_step"], best["best_top1"], best["best_epoch"]) == (2, 6, 75.0, 2)
+    assert (last["epoch"], last["global_step"], last["best_epoch"]) == (4, 12, 2)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_written_every_n_steps_inside_an_epoch_and_at_each_end(small, monkeypatch):
+    real = loop._Trainer._save
+    saves = []
+
+    def recording(self, *, best=False):
+        saves.append((self.progress.global_step, self.progress.epoch, self.progress.batch, best))
+        return real(self, best=best)
+
+    monkeypatch.setattr(loop._Trainer, "_save", recording)
+    config = small(trainer={"checkpoint_every_steps": 2})
+    run(config)
+    # step 2 (batch 2 of 3), the end of epoch 1 (step 3), step 4 (batch 1 of epoch 2), the end of epoch 2 (step 6,
+    # a multiple of 2 too, saved once)
+    assert [(step, epoch, batch) for step, epoch, batch, _ in saves] == [(2, 0, 2), (3, 1, 0), (4, 1, 1), (6, 2, 0)]
+    assert [best for *_, best in saves][0::2] == [False, False]
+    assert saves[1][3] is True
+
+
+def test_a_checkpoint_holds_the_run_state(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    state = checkpoint(config["run_dir"])
+    assert state["format"] == loop.CHECKPOINT_FORMAT == 1
+    assert (state["epoch"], state["batch"], state["global_step"], state["processes"]) == (1, 0, 3, 1)
+    assert state["replicas"] is None
+    assert state["epoch_totals"] == {"loss_sum": 0.0, "correct": 0, "count": 0, "skipped": 0, "train_time_s": 0.0}
+    assert state["schedule"]["last_epoch"] == 3 and state["schedule"]["_step_count"] == 4
+    assert state["metrics"] == metrics_of(config["run_dir"])
+    assert state["config"] == loop.to_plain(load_config(config))
+    assert state["wall_time_s"] >= state["metrics"][-1]["wall_time_s"]
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert state["analysis"] == [] and isinstance(state["wandb_id"], str)
+    assert set(state["model"]) == {"head.weight", "head.bias"}
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_a_mid_epoch_checkpoint_holds_the_partial_epoch_sums(small, monkeypatch):
+    steps = record_steps(monkeypatch)
+    stop_at_call(monkeypatch, 3, KeyboardInterrupt())
+    config = small(trainer={"checkpoint_every_steps": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    state = checkpoint(config["run_dir"])
+    totals = state["epoch_totals"]
+    assert (state["epoch"], state["batch"], state["global_step"]) == (0, 2, 2)
+    assert (totals["count"], totals["skipped"]) == (32, 0)
+    assert totals["loss_sum"] == pytest.approx(16 * steps[0]["loss"] + 16 * steps[1]["loss"], rel=1e-6)
+    assert totals["correct"] == sum(int((s["logits"].argmax(1) == s["targets"]).sum()) for s in steps[:2])
+    assert totals["train_time_s"] > 0
+
+
+def test_a_run_killed_mid_epoch_resumes_bit_for_bit_with_dropout(small, tmp_path, monkeypatch, capsys):
+    changes = {"model": {"name": "pyramidnet110", "kwargs": {"depth": 8, "dropout": 0.5}},
+               "trainer": {"checkpoint_every_steps": 2}}
+    reference = small(run_dir=str(tmp_path / "reference"), **changes)
+    run(reference)
+    interrupted = small(run_dir=str(tmp_path / "interrupted"), **changes)
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 6, KeyboardInterrupt())  # in epoch 2, after the checkpoint of step 4
+        with pytest.raises(KeyboardInterrupt):
+            run(interrupted)
+    capsys.readouterr()
+    summary = run(interrupted)
+    lines = output_lines(capsys)
+    assert lines[0].startswith("resuming sgd on cifar10 with pyramidnet8")
+    assert lines[0].endswith(f"(amp off), from epoch 2, batch 1; records in {interrupted['run_dir']}")
+    assert lines[1].startswith("epoch 2/2  ")
+    assert without_times(metrics_of(interrupted["run_dir"])) == without_times(metrics_of(reference["run_dir"]))
+    straight, resumed = checkpoint(reference["run_dir"]), checkpoint(interrupted["run_dir"])
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert summary["wandb_id"] == resumed["wandb_id"] != straight["wandb_id"]
+    assert summary["global_steps"] == 6
+    launches = [json.loads(line)
+                for line in (Path(interrupted["run_dir"]) / "launches.jsonl").read_text().splitlines()]
+    assert [(l["from_epoch"], l["from_batch"], l["from_step"]) for l in launches] == [(0, 0, 0), (1, 1, 4)]
+    # the resumed epoch's time adds the time trained before the kill
+    assert metrics_of(interrupted["run_dir"])[1]["epoch_time_s"] > 0
+
+
+def test_a_run_resumed_at_an_epoch_boundary_says_so_without_a_batch(small, monkeypatch, capsys):
+    config = small()
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 4, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+    capsys.readouterr()
+    run(config)
+    first = output_lines(capsys)[0]
+    assert first.endswith(f"(amp off), from epoch 2; records in {config['run_dir']}")
+    assert [row["epoch"] for row in metrics_of(config["run_dir"])] == [1, 2]
+
+
+def test_a_resumed_run_continues_its_wall_time(small, monkeypatch):
+    config = small()
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 4, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+    before = checkpoint(config["run_dir"])["wall_time_s"]
+    summary = run(config)
+    assert summary["wall_time_s"] >= before
+    assert metrics_of(config["run_dir"])[1]["wall_time_s"] >= before
+
+
+def test_relaunching_a_finished_run_returns_its_summary_without_training(small, monkeypatch, capsys):
+    config = small()
+    summary = run(config)
+    capsys.readouterr()
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("a finished run trained again"))
+    assert run(config) == summary
+    assert output_lines(capsys) == [f"skipped: {config['run_dir']} is finished (summary.json exists); delete the "
+                                    "folder to train it again"]
+    assert len((Path(config["run_dir"]) / "launches.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_finished_wandb_run_names_the_backfill_script(small, capsys):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    capsys.readouterr()
+    run(small(trainer={"epochs": 1}, logger={"backend": "wandb"}))
+    assert output_lines(capsys) == [
+        f"skipped: {config['run_dir']} is finished (summary.json exists); delete the folder to train it again; to "
+        f"send its records to wandb: python scripts/wandb_backfill.py {config['run_dir']}"]
+
+
+def test_a_folder_of_another_setting_is_refused_before_anything_is_touched(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    with pytest.raises(CheckpointError) as error:
+        run(small(trainer={"epochs": 1, "seed": 2}))
+    assert str(error.value) == (
+        f"{config['run_dir']} holds a run of another setting (seed: 1 -> 2): a changed setting is a new run, "
+        f"so leave run_dir out (each setting gets its own folder) or delete {config['run_dir']} to start over")
+
+
+def test_a_checkpoint_of_another_setting_is_refused_even_without_config_yaml(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    (Path(config["run_dir"]) / "config.yaml").unlink()
+    with pytest.raises(CheckpointError) as error:
+        run(small(trainer={"epochs": 1, "seed": 2}))
+    folder = Path(config["run_dir"]) / "checkpoints"
+    assert str(error.value).startswith(f"{folder} holds a run of another setting (seed: 1 -> 2)")
+
+
+def test_a_checkpoint_without_a_readable_config_is_refused(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    (Path(config["run_dir"]) / "config.yaml").unlink()
+    for name in ("last.pt", "last.prev.pt"):
+        path = Path(config["run_dir"]) / "checkpoints" / name
+        if path.exists():
+            state = torch.load(path, weights_only=True)
+            state["config"] = {"optimizer": {"name": "no such method"}}
+            torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        run(config)
+    assert str(error.value) == (f"the checkpoint in {Path(config['run_dir']) / 'checkpoints'} holds no config this "
+                                "version can read: delete the folder to start over")
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    path = Path(config["run_dir"]) / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["head.weight"] = torch.zeros(3, 3)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        run(config)
+    assert str(error.value).startswith(f"the checkpoint in {path.parent} does not fit this run's model or optimizer (")
+    assert str(error.value).endswith("): delete the folder to start over")
+
+
+def test_an_unreadable_config_yaml_is_refused(small):
+    config = small(trainer={"epochs": 1})
+    Path(config["run_dir"]).mkdir(parents=True)
+    (Path(config["run_dir"]) / "config.yaml").write_text("optimizer:\n  name: no such method\n")
+    with pytest.raises(RunFolderError) as error:
+        run(config)
+    assert str(error.value) == (f"{config['run_dir']}/config.yaml is not a config this version can read: use another "
+                                f"run_dir, or delete {config['run_dir']} to start over")
+
+
+def test_a_folder_held_by_another_process_is_refused(small):
+    config = small(trainer={"epochs": 1})
+    holder = RunFolder(config["run_dir"])
+    holder.hold()
+    try:
+        with pytest.raises(RunFolderError):
+            run(config)
+        assert not (Path(config["run_dir"]) / "launches.jsonl").exists()
+    finally:
+        holder.release()
+    run(config)  # released by the run that was refused as well
+
+
+# ---------------------------------------------------------------------------------------- divergence, memory
+
+
+def nan_loss_at(monkeypatch, call: int) -> None:
+    """From the ``call``-th step on, the step reports a NaN loss."""
+    real = loop.train_step
+    calls = {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if calls["n"] >= call else out
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+
+
+def test_a_nan_loss_stops_the_run_and_marks_it_diverged(small, monkeypatch):
+    nan_loss_at(monkeypatch, 5)
+    config = small(trainer={"log_every": 100})
+    with pytest.raises(DivergedError) as error:
+        run(config)
+    last = Path(config["run_dir"]) / "checkpoints" / "last.pt"
+    message = (f"training diverged: the loss became nan in epoch 2 by step 6; the last good checkpoint is {last}; "
+               "lower optimizer.lr or optimizer.rho, or use trainer.amp=bf16 or off")
+    assert str(error.value) == message
+    status = json.loads((Path(config["run_dir"]) / "status.json").read_text())
+    assert status == {"status": "diverged", "message": message, "epoch": 2, "global_step": 6,
+                      "last_checkpoint": str(last)}
+    assert checkpoint(config["run_dir"])["global_step"] == 3
+    assert not (Path(config["run_dir"]) / "summary.json").exists()
+
+    monkeypatch.undo()
+    with pytest.raises(DivergedError) as again:
+        run(config)
+    assert str(again.value) == (
+        f"{config['run_dir']} diverged in an earlier launch ({message}); it is not trained again: a changed setting "
+        "gets its own folder, or delete this one to retry")
+
+
+def test_a_nan_loss_is_caught_at_the_next_log_point_before_any_checkpoint(small, monkeypatch):
+    nan_loss_at(monkeypatch, 1)
+    config = small(trainer={"log_every": 2})
+    with pytest.raises(DivergedError) as error:
+        run(config)
+    assert "the loss became nan in epoch 1 by step 2; no checkpoint was written yet;" in str(error.value)
+
+
+def test_a_nan_loss_is_never_saved_by_a_mid_epoch_checkpoint(small, monkeypatch):
+    nan_loss_at(monkeypatch, 2)
+    config = small(trainer={"log_every": 100, "checkpoint_every_steps": 2})
+    with pytest.raises(DivergedError, match="by step 2; no checkpoint was written yet"):
+        run(config)
+
+
+def test_running_out_of_memory_names_the_fixes(small, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    config = small(trainer={"micro_batches": 2})
+    with pytest.raises(FsamError) as error:
+        run(config)
+    assert str(error.value) == (
+        "out of memory on cpu with trainer.batch_size=16 (CUDA out of memory. Tried to allocate 2 GiB): use a smaller "
+        "trainer.batch_size (e.g. 8), or trainer.micro_batches=4 to keep the batch and split it, or "
+        f"trainer.amp=bf16; the last checkpoint in {Path(config['run_dir']) / 'checkpoints'} is kept")
+
+
+def test_a_skipped_step_counts_in_the_records_but_not_in_the_loss(small, monkeypatch, capsys):
+    real = loop.train_step
+    calls = {"n": 0}
+    steps = []
+
+    def skipping_second(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        steps.append((out.loss.item(), len(args[2])))
+        return dataclasses.replace(out, skipped=True) if calls["n"] == 2 else out
+
+    monkeypatch.setattr(loop, "train_step", skipping_second)
+    config = small()
+    summary = run(config)
+    rows = metrics_of(config["run_dir"])
+    assert [row["skipped_steps"] for row in rows] == [1, 0] and summary["skipped_steps"] == 1
+    kept = [steps[0], steps[2]]
+    assert rows[0]["train_loss"] == pytest.approx(sum(l * n for l, n in kept) / 24, rel=1e-6)
+    assert rows[0]["images_per_s"] == pytest.approx(24 / rows[0]["epoch_time_s"])
+    lines = output_lines(capsys)
+    assert lines[1].endswith("img/s  1 fp16 steps skipped") and lines[2].endswith("img/s")
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+def signal_after_step(monkeypatch, step: int, signum: int) -> None:
+    real = loop.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+
+
+def test_a_stop_signal_checkpoints_after_the_step_and_stops(small, monkeypatch):
+    signal_after_step(monkeypatch, 2, signal.SIGUSR1)
+    config = small()
+    with pytest.raises(Interrupted) as error:
+        run(config)
+    folder = Path(config["run_dir"]) / "checkpoints"
+    assert str(error.value) == (f"stopped by SIGUSR1 in epoch 1 after step 2: checkpoint saved in {folder}; run the "
+                                "same command again to continue")
+    assert error.value.signum == signal.SIGUSR1
+    state = checkpoint(config["run_dir"])
+    assert (state["epoch"], state["batch"], state["global_step"]) == (0, 2, 2)
+    assert state["epoch_totals"]["count"] == 32
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_a_stop_signal_goes_to_the_handler_installed_before_after_the_checkpoint(small, monkeypatch, capsys):
+    config = small()
+    handled = []
+
+    def previous(signum, frame):
+        handled.append((signum, checkpoint(config["run_dir"])["global_step"]))
+
+    signal_after_step(monkeypatch, 2, signal.SIGUSR2)
+    before = signal.signal(signal.SIGUSR2, previous)
+    try:
+        summary = run(config)
+        after = signal.getsignal(signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert handled == [(signal.SIGUSR2, 2)]
+    assert after is previous
+    assert summary["global_steps"] == 6
+    folder = Path(config["run_dir"]) / "checkpoints"
+    assert f"SIGUSR2 in epoch 1 after step 2: checkpoint saved in {folder}; passing the signal on" in output_lines(capsys)
+
+
+def test_a_stop_signal_with_a_nan_loss_saves_nothing(small, monkeypatch):
+    nan_loss_at(monkeypatch, 1)
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), real(*a, **k))[1])
+    config = small(trainer={"log_every": 100})
+    with pytest.raises(DivergedError, match="by step 1; no checkpoint was written yet"):
+        run(config)
+
+
+# -------------------------------------------------------------------------------- full gradients, wandb
+
+
+def test_sam_full_refreshes_the_full_gradient_every_n_steps_and_says_what_it_costs(small, monkeypatch, capsys):
+    real = loop.full_gradient
+    at_steps = []
+
+    def recording(*args, **kwargs):
+        at_steps.append(trainer_progress["step"])
+        return real(*args, **kwargs)
+
+    trainer_progress = {"step": None}
+    real_work = loop._Trainer._full_gradient_work
+
+    def work(self):
+        trainer_progress["step"] = self.progress.global_step
+        return real_work(self)
+
+    monkeypatch.setattr(loop, "full_gradient", recording)
+    monkeypatch.setattr(loop._Trainer, "_full_gradient_work", work)
+    config = small(optimizer={"name": "sam", "perturbation": "full", "full_grad_every": 4})
+    summary = run(config)
+    assert at_steps == [0, 4]
+    # the training set in order is 40 images in batches of 16: 3 batches, every 4 steps -> 0.75 passes per step
+    assert summary["full_gradient_passes_per_step"] == 0.75
+    assert ("full-batch gradient every 4 steps for the perturbation: 0.75 extra forward+backward passes per step "
+            "on average (a SAM step does 2)") in output_lines(capsys)
+
+
+def test_fsam_measures_its_ema_every_n_steps_after_the_first(small, monkeypatch, capsys):
+    config = small(optimizer={"name": "fsam"}, trainer={"full_grad_analysis_every": 2})
+    summary = run(config)
+    rows = metrics_of(config["run_dir"])
+    assert [[entry["step"] for entry in row["analysis"]] for row in rows] == [[2], [4]]
+    for row in rows:
+        for entry in row["analysis"]:
+            assert set(entry) == {"step", "ema_cosine", "ema_relative_error"}
+            assert -1.0 <= entry["ema_cosine"] <= 1.0 and entry["ema_relative_error"] >= 0
+    assert "full_gradient_passes_per_step" not in summary
+    assert ("full-batch gradient every 2 steps to measure the EMA against: 1.5 extra forward+backward passes per "
+            "step on average (a SAM step does 2)") in output_lines(capsys)
+
+
+def test_asking_a_method_without_an_ema_to_measure_it_says_nothing_is_measured(small, capsys):
+    config = small(trainer={"full_grad_analysis_every": 2, "epochs": 1})
+    run(config)
+    lines = output_lines(capsys)
+    assert lines[0] == ("note: trainer.full_grad_analysis_every measures F-SAM's EMA; sgd has none, so nothing is "
+                        "measured")
+    assert "analysis" not in metrics_of(config["run_dir"])[0]
+
+
+def test_bf16_on_the_cpu_runs_as_float32_and_says_so_first(small, capsys):
+    summary = run(small(trainer={"amp": "bf16", "epochs": 1}))
+    lines = output_lines(capsys)
+    assert lines[0] == "note: trainer.amp=bf16 runs as off (float32) on the CPU, where bf16 autocast is slower"
+    assert summary["amp"] == "off" and "(amp off)" in lines[1]
+
+
+class FakeWandbRun:
+    """Stands for a started wandb run: records what the mirror sends."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+        self.summary: dict = {}
+        self.exit_codes: list[int] = []
+
+    def log(self, row, step):
+        self.logged.append((dict(row), step))
+
+    def finish(self, exit_code=0):
+        self.exit_codes.append(exit_code)
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch) -> list:
+    """Every WandbMirror.start makes a FakeWandbRun (appended to the list returned) with the start's arguments."""
+    runs = []
+
+    def start(self, plain_config, *, resumed):
+        self.run = FakeWandbRun()
+        self.run.started = {"config": plain_config, "resumed": resumed, "id": self.run_id, "group": self.group,
+                            "name": self.name}
+        runs.append(self.run)
+
+    monkeypatch.setattr(loop.WandbMirror, "start", start)
+    return runs
+
+
+def test_wandb_gets_the_mean_loss_since_its_last_point_each_epoch_row_and_the_summary(small, monkeypatch,
+                                                                                       fake_wandb):
+    steps = record_steps(monkeypatch)
+    config = small(trainer={"log_every": 2})
+    summary = run(config)
+    (wandb_run,) = fake_wandb
+    rows = metrics_of(config["run_dir"])
+    points = [(row, step) for row, step in wandb_run.logged if "train/loss" in row]
+    assert [step for _, step in points] == [2, 4, 6]
+    loss = [s["loss"] for s in steps]
+    # step 2: steps 1-2; step 4: only step 4 (the epoch's sums restart after step 3); step 6: steps 5-6
+    expected = [(16 * loss[0] + 16 * loss[1]) / 32, loss[3], (16 * loss[4] + 8 * loss[5]) / 24]
+    assert [row["train/loss"] for row, _ in points] == pytest.approx(expected, rel=1e-5)
+    assert [row["train/lr"] for row, _ in points] == pytest.approx([steps[i]["lr"] for i in (1, 3, 5)])
+    epochs = [(row, step) for row, step in wandb_run.logged if "train/loss" not in row]
+    assert [step for _, step in epochs] == [3, 6]
+    assert [row for row, _ in epochs] == [epoch_record(row) for row in rows]
+    assert wandb_run.summary == {key: value for key, value in summary.items() if value is not None}
+    assert wandb_run.exit_codes == [0]
+    started = wandb_run.started
+    assert started["resumed"] is False and started["id"] == summary["wandb_id"]
+    assert started["group"] == summary["setting"] and started["name"] == f"{summary['setting']}-seed1"
+    assert started["config"]["identity"]["setting"] == summary["setting"]
+    assert started["config"]["trainer"]["log_every"] == 2
+
+
+def test_wandb_points_skip_an_interval_without_counted_examples(small, monkeypatch, fake_wandb):
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: dataclasses.replace(real(*a, **k), skipped=True))
+    run(small(trainer={"log_every": 1, "epochs": 1}))
+    assert [step for row, step in fake_wandb[0].logged if "train/loss" in row] == []
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(small, monkeypatch, fake_wandb):
+    config = small()
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 4, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+    run(config)
+    first, second = fake_wandb
+    assert second.started["resumed"] is True and second.started["id"] == first.started["id"]
+
+
+def test_wandb_hears_of_an_interrupted_or_diverged_run_as_failed(small, monkeypatch, fake_wandb):
+    signal_after_step(monkeypatch, 1, signal.SIGUSR1)
+    with pytest.raises(Interrupted):
+        run(small())
+    nan_loss_at(monkeypatch, 1)
+    with pytest.raises(DivergedError):
+        run(small(run_dir=small()["run_dir"] + "-nan"))
+    assert [wandb_run.exit_codes for wandb_run in fake_wandb] == [[1], [1]]
+
+
+def test_fsam_measurements_go_to_wandb_at_their_step(small, fake_wandb):
+    run(small(optimizer={"name": "fsam"}, trainer={"full_grad_analysis_every": 2, "epochs": 1, "log_every": 100}))
+    analysis = [(sorted(row), step) for row, step in fake_wandb[0].logged if "analysis/ema_cosine" in row]
+    assert analysis == [(["analysis/ema_cosine", "analysis/ema_relative_error"], 2)]
