@@ -829,3 +829,680 @@ def test_fsam_measurements_go_to_wandb_at_their_step(small, fake_wandb):
     run(small(optimizer={"name": "fsam"}, trainer={"full_grad_analysis_every": 2, "epochs": 1, "log_every": 100}))
     analysis = [(sorted(row), step) for row, step in fake_wandb[0].logged if "analysis/ema_cosine" in row]
     assert analysis == [(["analysis/ema_cosine", "analysis/ema_relative_error"], 2)]
+
+
+# ================================================================================ helpers, one module at a time
+# ------------------------------------------------------------------------------------------------- schedule
+
+
+def factor_of(steps_per_epoch=4, epochs=2, lr=0.1, **schedule):
+    return lr_factor(ScheduleConfig(**schedule), lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
+
+
+def test_cosine_falls_from_one_to_zero_over_all_steps_and_stays_at_zero():
+    factor = factor_of()  # 8 steps
+    values = [factor(step) for step in (0, 2, 4, 6, 8, 10)]
+    assert values == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 - math.cos(math.pi / 4)),
+                                    0.0, 0.0], abs=1e-15)
+
+
+def test_warmup_rises_linearly_from_warmup_lr_then_the_cosine_spans_the_remaining_steps():
+    factor = factor_of(warmup_epochs=0.5, warmup_lr=0.01)  # 2 warmup steps of 8, lr 0.1
+    assert [factor(step) for step in (0, 1)] == pytest.approx([0.1, 0.55])  # 0.01 / 0.1, (0.01 + 0.09 / 2) / 0.1
+    assert [factor(step) for step in (2, 5, 8)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-15)
+
+
+def test_a_warmup_as_long_as_the_run_leaves_the_cosine_at_one():
+    factor = factor_of(warmup_epochs=2, warmup_lr=0.0)
+    assert [factor(step) for step in (0, 4, 8)] == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_multistep_multiplies_by_gamma_from_each_milestone_epoch_on():
+    factor = factor_of(epochs=4, name="multistep", milestones=[1, 3], gamma=0.1)  # boundaries at steps 4 and 12
+    assert [factor(step) for step in (0, 3, 4, 11, 12, 15)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert factor_of(epochs=4, name="multistep")(15) == 1.0  # no milestones
+
+
+def test_the_schedule_sets_the_rate_of_the_base_optimizer_of_a_wrapper_and_of_a_plain_one():
+    model = nn.Linear(2, 2)
+    sam = loop.create_optimizer(model, "sam", lr=0.1)
+    schedule = create_schedule(sam, ScheduleConfig(), lr=0.1, steps_per_epoch=2, epochs=1)
+    assert schedule.optimizer is sam.base_optimizer
+    sam.base_optimizer.step()
+    schedule.step()
+    assert sam.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = create_schedule(plain, ScheduleConfig(), lr=0.1, steps_per_epoch=2, epochs=1)
+    for _ in range(2):
+        plain.step()
+        schedule.step()
+    assert plain.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+
+
+def test_topk_counts_rows_with_the_target_among_the_k_best_and_k_beyond_the_classes_counts_all():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5], [0.0, 0.1, 0.2]])
+    targets = torch.tensor([1, 1, 0, 0])  # ranks 1, 2, 3, 3
+    assert topk_correct(logits, targets, (1, 2, 3, 5)).tolist() == [1, 2, 4, 4]
+    assert topk_correct(logits, targets, (2,)).tolist() == [2]
+    assert topk_correct(logits, targets, (1, 2)).dtype == torch.int64
+
+
+class ListLoader:
+    def __init__(self, batches):
+        self.batches = batches
+        self.epochs = []
+
+    def iterate(self, epoch, start_batch=0):
+        self.epochs.append(epoch)
+        return iter(self.batches[start_batch:])
+
+
+def test_evaluate_averages_over_examples_not_batches_and_leaves_eval_mode():
+    model = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    inputs = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0], [2.0, 0, 0], [0, 3.0, 1.0]])
+    targets = torch.tensor([0, 1, 0, 2, 2])  # rows 0 and 1 right; rows 0, 1 and 4 in the top 2 (3 classes: all top 5)
+    loader = ListLoader([(inputs[:4], targets[:4]), (inputs[4:], targets[4:])])
+    model.train()
+    result = evaluate(model, loader, Precision("off"), torch.device("cpu"), split="val")
+    per_example = F.cross_entropy(inputs, targets, reduction="none")
+    assert result == pytest.approx({"val_loss": per_example.mean().item(), "val_top1": 40.0, "val_top5": 100.0})
+    assert abs(result["val_loss"] - (per_example[:4].mean() + per_example[4]).item() / 2) > 1e-3
+    assert not model.training and loader.epochs == [0]
+    assert list(evaluate(model, loader, Precision("off"), torch.device("cpu"))) == ["test_loss", "test_top1",
+                                                                                    "test_top5"]
+
+
+def test_evaluate_of_an_empty_split_is_zero_not_a_division_by_zero():
+    result = evaluate(nn.Linear(3, 3), ListLoader([]), Precision("off"), torch.device("cpu"))
+    assert result == {"test_loss": 0.0, "test_top1": 0.0, "test_top5": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_save_rotates_last_to_previous_and_best_is_the_last_it_was_saved_with(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1}, best=True)
+    assert sorted(path.name for path in store.folder.iterdir()) == ["best.pt", "last.pt"]
+    assert os.path.samefile(store.best, store.last)  # a hard link, not a second copy
+    store.save({"model": 2})
+    store.save({"model": 3})
+    load = lambda path: torch.load(path, weights_only=True)["model"]  # noqa: E731
+    assert (load(store.last), load(store.previous), load(store.best)) == (3, 2, 1)
+    assert sorted(path.name for path in store.folder.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+    assert store.load_latest() == {"model": 3}
+
+
+def test_best_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1}, best=True)
+    assert not os.path.samefile(store.best, store.last)
+    assert store.best.read_bytes() == store.last.read_bytes()
+    assert sorted(path.name for path in store.folder.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_store_in_a_deleted_run_folder_is_not_recreated(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        CheckpointStore(tmp_path / "gone" / "checkpoints").save({"model": 1})
+    assert not (tmp_path / "gone").exists()
+
+
+def test_no_checkpoint_is_none_and_an_unreadable_last_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    assert store.load_latest() is None
+    store.save({"model": 1})
+    store.save({"model": 2})
+    store.last.write_bytes(b"torn")
+    assert store.load_latest() == {"model": 1}
+    assert capsys.readouterr().err == f"warning: checkpoint {store.last} is unreadable, trying the previous one\n"
+
+
+def test_no_readable_checkpoint_names_each_file_and_why(tmp_path, capsys):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"weights": 1})
+    store.save({"weights": 2})
+    with pytest.raises(CheckpointError) as error:
+        store.load_latest()
+    reason = "(not a checkpoint of this engine)"
+    assert str(error.value) == (f"no readable checkpoint in {store.folder}: {store.last} {reason}; {store.previous} "
+                                f"{reason}; delete the folder to start over")
+    store.previous.unlink()
+    store.last.write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        store.load_latest()
+    assert str(error.value).startswith(f"no readable checkpoint in {store.folder}: {store.last} (")
+    assert str(error.value).endswith("); delete the folder to start over")
+    torch.save([1, 2], store.last)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this engine"):
+        store.load_latest()
+    assert capsys.readouterr().err.count("is unreadable") == 1
+
+
+def test_an_unreadable_last_is_reported_with_the_error_type_and_first_line(tmp_path, monkeypatch, capsys):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1})
+
+    def failing(*args, **kwargs):
+        raise ValueError("first line\nsecond line")
+
+    monkeypatch.setattr(torch, "load", failing)
+    with pytest.raises(CheckpointError) as error:
+        store.load_latest()
+    assert f"{store.last} (ValueError: first line);" in str(error.value)
+
+    def silent(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(torch, "load", silent)
+    with pytest.raises(CheckpointError) as error:
+        store.load_latest()
+    assert f"{store.last} (ValueError: );" in str(error.value)
+
+
+def test_load_latest_maps_tensors_where_it_is_told(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": torch.ones(1)})
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    store.load_latest(map_location="meta")
+    assert seen == [{"map_location": "meta", "weights_only": True}]
+    store.load_latest()
+    assert seen[1]["map_location"] == "cpu"
+
+
+@pytest.mark.parametrize("saved, kept", [(0, "no checkpoint was written yet"), (1, "the checkpoints last.pt are kept"),
+                                         (2, "the checkpoints last.pt, last.prev.pt are kept")])
+def test_a_failed_write_keeps_the_checkpoints_and_says_which(tmp_path, monkeypatch, saved, kept):
+    import errno
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    for number in range(saved):
+        store.save({"model": number})
+    before = {path.name: path.read_bytes() for path in store.folder.glob("*")} if saved else {}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RunFolderError) as error:
+        store.save({"model": 9}, best=True)
+    assert str(error.value) == (f"cannot write {store.last} (No space left on device): {kept}; free space on that "
+                                "disk, then relaunch the same command to continue")
+    assert {path.name: path.read_bytes() for path in store.folder.glob("*")} == before  # no temporary left
+
+
+def test_torch_reports_a_failed_write_as_a_runtime_error_which_becomes_the_same_message(tmp_path, monkeypatch):
+    import errno
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise OSError(errno.EROFS, "Read-only file system")
+        except OSError as cause:
+            raise RuntimeError("PytorchStreamWriter failed") from cause
+
+    monkeypatch.setattr(torch, "save", wrapped)
+    with pytest.raises(RunFolderError, match=r"\(Read-only file system\): no checkpoint was written yet; make the "):
+        store.save({"model": 1})
+
+    def other(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        store.save({"model": 1})
+    assert list(store.folder.iterdir()) == []
+
+
+def test_a_failed_rename_keeps_the_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1})
+
+    def refused(*args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(RunFolderError) as error:
+        store.save({"model": 2})
+    assert str(error.value) == (f"cannot write {store.last} (Permission denied): the checkpoints last.pt are kept; "
+                                "make the folder writable, then relaunch the same command to continue")
+    monkeypatch.undo()
+    assert sorted(path.name for path in store.folder.iterdir()) == ["last.pt"]
+
+
+def test_the_os_error_behind_a_writer_error_is_found_by_cause_context_or_wording():
+    cause = OSError(28, "No space left on device")
+    by_cause = RuntimeError("outer")
+    by_cause.__cause__ = cause
+    assert _os_error_in(by_cause) is cause
+    by_context = RuntimeError("outer")
+    by_context.__context__ = cause
+    assert _os_error_in(by_context) is cause
+    assert _os_error_in(cause) is cause
+    worded = _os_error_in(RuntimeError("[enforce fail] Write FAILED\nat inline_container.cc"))
+    assert (worded.errno, worded.strerror) == (5, "[enforce fail] Write FAILED")
+    assert _os_error_in(RuntimeError("file write error")).errno == 5
+    assert _os_error_in(RuntimeError("write")) is None
+    assert _os_error_in(RuntimeError("failed to read")) is None
+    assert _os_error_in(RuntimeError("")) is None
+
+
+def test_the_random_state_round_trips_through_a_checkpoint_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in NumPy's state
+    path = tmp_path / "rng.pt"
+    torch.save(capture_rng(), path)
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    state = torch.load(path, weights_only=True)
+    assert state["cuda"] == [] and state["numpy"]["name"] == "MT19937"
+    assert state["numpy"]["has_gauss"] == 1 and state["numpy"]["keys"].dtype == torch.int64
+    restore_rng(state)
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_nested_lists_become_the_tuples_random_setstate_wants():
+    assert _as_tuples([1, [2, [3]], (4,)]) == (1, (2, (3,)), (4,))
+    assert _as_tuples("ab") == "ab"
+
+
+# ------------------------------------------------------------------------------------------------- signals
+
+
+@pytest.fixture
+def quiet_signals():
+    """The stop signals' handlers as they were before the test."""
+    before = {signum: signal.getsignal(signum) for signum in preemption.STOP_SIGNALS}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_stop_signals_record_the_first_signal_and_give_the_handlers_back(quiet_signals):
+    assert preemption.STOP_SIGNALS == (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+    def mine(signum, frame):
+        pass
+
+    signal.signal(signal.SIGUSR1, mine)
+    with StopSignals() as stops:
+        assert all(signal.getsignal(signum) == stops._record for signum in preemption.STOP_SIGNALS)
+        assert stops.received is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.received == signal.SIGUSR2 == stops.agreed(torch.device("cpu"))
+        stops.clear()
+        assert stops.received is None and stops.agreed(torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C is recorded like the others
+        assert stops.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second one stops at once
+    assert signal.getsignal(signal.SIGUSR1) is mine
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_only_a_function_installed_before_gets_the_signal_forwarded(quiet_signals):
+    calls = []
+
+    def mine(signum, frame):
+        calls.append((signum, frame))
+
+    signal.signal(signal.SIGUSR2, mine)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with StopSignals() as stops:
+        pass
+    assert stops.previous_handler(signal.SIGUSR2) is mine
+    assert stops.previous_handler(signal.SIGTERM) is None  # ignore
+    assert stops.previous_handler(signal.SIGUSR1) is None  # the default action
+    assert stops.previous_handler(signal.SIGINT) is None  # Python's own KeyboardInterrupt
+    assert stops.previous_handler(signal.SIGHUP) is None  # not one of ours
+    stops.forward(signal.SIGUSR2)
+    stops.forward(signal.SIGUSR1)
+    assert calls == [(signal.SIGUSR2, None)]
+
+
+def test_stop_signals_outside_the_main_thread_install_nothing(quiet_signals):
+    import threading
+
+    outcome = []
+
+    def enter():
+        with StopSignals() as stops:
+            outcome.append(dict(stops._previous))
+
+    worker = threading.Thread(target=enter)
+    worker.start()
+    worker.join()
+    assert outcome == [{}]
+
+
+def test_signal_names():
+    assert [signal_name(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)] == ["SIGTERM", "SIGUSR1",
+                                                                                       "SIGINT"]
+
+
+# --------------------------------------------------------------------------------------------------- wandb
+
+
+class FakeWandb:
+    """A stand-in for the wandb module: records ``init``'s arguments and returns a FakeWandbRun."""
+
+    def __init__(self, fail_init=False):
+        self.inits = []
+        self.fail_init = fail_init
+        self.runs = []
+
+    def Settings(self, **kwargs):  # noqa: N802 - wandb's name
+        return ("settings", kwargs)
+
+    def init(self, **kwargs):
+        if self.fail_init:
+            raise ConnectionError("no server\ndetails")
+        self.inits.append(kwargs)
+        self.runs.append(FakeWandbRun())
+        return self.runs[-1]
+
+
+def logger(**changes):
+    return dataclasses.replace(load_config({}).logger, backend="wandb", **changes)
+
+
+def test_new_run_ids_are_twelve_hex_digits_and_differ():
+    first, second = new_run_id(), new_run_id()
+    assert len(first) == 12 and int(first, 16) >= 0 and first != second
+
+
+def test_the_mirror_does_nothing_without_the_wandb_backend(monkeypatch, capsys):
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    mirror = WandbMirror(load_config({}).logger, "/runs/a", "abc")
+    mirror.start({}, resumed=False)
+    mirror.log({"x": 1}, step=1)
+    mirror.finish({"y": 2})
+    assert fake.inits == [] and mirror.run is None and capsys.readouterr() == ("", "")
+
+
+def test_the_mirror_starts_wandb_with_the_run_identity(monkeypatch, capsys):
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", None))
+    mirror = WandbMirror(logger(tags=["a", "b"], entity="me"), "/runs/a", "abc", group="g", name="n")
+    mirror.start({"k": 1}, resumed=True)
+    assert fake.inits == [{
+        "project": "fsam", "entity": "me", "group": "g", "tags": ["a", "b"], "name": "n", "mode": "offline",
+        "dir": "/runs/a", "config": {"k": 1}, "id": "abc", "resume": "allow", "job_type": "train",
+        "settings": ("settings", {"console": "wrap", "silent": True}),
+    }]
+    assert capsys.readouterr() == ("", "")
+    own = WandbMirror(logger(group="mine", name="own"), "/runs/b", "def", group="g", name="n")
+    own.start({}, resumed=False)
+    assert (fake.inits[1]["group"], fake.inits[1]["name"], fake.inits[1]["tags"], fake.inits[1]["resume"]) == (
+        "mine", "own", None, None)
+
+
+def test_the_mirror_says_once_why_it_logs_offline(monkeypatch, capsys):
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", "is not logged in"))
+    WandbMirror(logger(mode="online"), "/runs/a", "abc").start({}, resumed=False)
+    assert capsys.readouterr().err == ("warning: wandb is not logged in: logging offline to /runs/a/wandb; upload "
+                                       "later with `wandb sync /runs/a/wandb/offline-run-*`\n")
+    assert fake.inits[0]["mode"] == "offline"
+
+
+def test_without_wandb_installed_the_run_goes_on_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.start({}, resumed=False)
+    assert mirror.run is None
+    assert capsys.readouterr().err == ("warning: wandb is not installed (pip install wandb); training continues "
+                                       "without it, the run folder /runs/a has every record\n")
+
+
+def test_a_failing_start_gives_up_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb(fail_init=True))
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", None))
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.start({}, resumed=False)
+    mirror.log({"x": 1}, step=1)
+    mirror.finish()
+    assert mirror.run is None
+    assert capsys.readouterr().err == ("warning: wandb start failed (ConnectionError: no server); training continues "
+                                       "without wandb, the run folder /runs/a has every record\n")
+
+
+class BrokenRun(FakeWandbRun):
+    def log(self, row, step):
+        raise RuntimeError("")
+
+
+def test_a_failing_log_warns_once_closes_the_run_and_stops_logging(capsys):
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.run = broken = BrokenRun()
+    mirror.log({"x": 1}, step=3)
+    mirror.log({"x": 2}, step=4)
+    mirror.finish({"a": 1})
+    assert broken.exit_codes == [1] and mirror.run is None
+    assert capsys.readouterr().err == ("warning: wandb log failed (RuntimeError: ); training continues without "
+                                       "wandb, the run folder /runs/a has every record\n")
+
+
+def test_finish_sends_the_summary_without_empty_values_and_the_exit_code():
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.run = first = FakeWandbRun()
+    mirror.finish({"a": 1, "b": None, "c": {"d": None}})
+    assert (first.summary, first.exit_codes, mirror.run) == ({"a": 1, "c": {"d": None}}, [0], None)
+    mirror.run = second = FakeWandbRun()
+    mirror.finish(failed=True)
+    assert (second.summary, second.exit_codes) == ({}, [1])
+
+
+def test_a_failing_finish_warns_and_is_not_retried(capsys):
+    class FailingFinish(FakeWandbRun):
+        def finish(self, exit_code=0):
+            self.exit_codes.append(exit_code)
+            raise OSError("gone")
+
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.run = run_ = FailingFinish()
+    mirror.finish()
+    assert run_.exit_codes == [0] and mirror.run is None
+    assert "warning: wandb finish failed (OSError: gone);" in capsys.readouterr().err
+
+
+def test_an_epoch_row_goes_to_wandb_at_its_step():
+    mirror = WandbMirror(logger(), "/runs/a", "abc")
+    mirror.run = fake = FakeWandbRun()
+    row = {"epoch": 2, "step": 8, "train_loss": 0.5, "analysis": []}
+    mirror.log_epoch(row)
+    assert fake.logged == [(epoch_record(row), 8)]
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def test_one_process_is_the_main_one_and_not_distributed():
+    info = distributed.DistInfo()
+    assert (info.rank, info.world_size, info.local_rank, info.device) == (0, 1, 0, torch.device("cpu"))
+    assert info.is_main and not info.distributed
+    assert distributed.DistInfo(world_size=2).distributed and not distributed.DistInfo(rank=1).is_main
+
+
+def test_device_names_resolve_or_are_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    assert distributed.resolve_device("mps") == torch.device("mps")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError) as error:
+            distributed.resolve_device(name)
+        assert str(error.value) == (f"trainer.device={name} but no CUDA device is visible: use trainer.device=auto "
+                                    "or cpu")
+    with pytest.raises(ConfigError) as error:
+        distributed.resolve_device("tpu")
+    assert str(error.value) == "trainer.device='tpu' is not a device: use auto, cpu, cuda or cuda:N"
+
+
+def test_cuda_resolves_to_the_local_rank_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
+    assert distributed.resolve_device("cuda") == torch.device("cuda", 0)
+    assert distributed.resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+
+
+def test_setup_of_one_process_reads_the_environment_and_joins_no_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("cpu") == distributed.DistInfo()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.setup("cpu") == distributed.DistInfo(rank=3, world_size=1, local_rank=2)
+    assert not torch.distributed.is_initialized()
+
+
+def test_slurm_tasks_without_torchrun_variables_export_them(monkeypatch):
+    import sys
+    import types
+
+    exported = []
+
+    class Environment:
+        def export(self, **kwargs):
+            exported.append(kwargs)
+
+    helpers = types.ModuleType("submitit.helpers")
+    helpers.TorchDistributedEnvironment = Environment
+    monkeypatch.setitem(sys.modules, "submitit", types.ModuleType("submitit"))
+    monkeypatch.setitem(sys.modules, "submitit.helpers", helpers)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    distributed._export_slurm_environment()
+    monkeypatch.delenv("SLURM_NTASKS")
+    distributed._export_slurm_environment()
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("RANK", "0")
+    distributed._export_slurm_environment()
+    assert exported == []
+    monkeypatch.delenv("RANK")
+    distributed._export_slurm_environment()
+    assert exported == [{"set_cuda_visible_devices": False}]
+
+
+def test_without_a_process_group_the_collectives_give_back_what_they_got():
+    model = nn.BatchNorm1d(2)
+    assert distributed.wrap(model, distributed.DistInfo()) is model
+    assert not distributed.is_active()
+    tensor = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(tensor) is tensor and distributed.all_reduce_max(tensor) is tensor
+    assert tensor.tolist() == [1.0, 2.0]
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.gather_object("x") == ["x"]
+    distributed.broadcast_buffers(model)
+    distributed.barrier()
+    distributed.teardown()
+
+
+def test_in_a_process_group_of_one_the_collectives_are_the_identity(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert not distributed.is_active()  # one process: nothing to agree on
+        tensor = torch.tensor([1.0, 3.0])
+        assert distributed.all_reduce_sum(tensor).tolist() == [1.0, 3.0]
+        assert distributed.all_reduce_max(tensor).tolist() == [1.0, 3.0]
+        assert distributed.broadcast_object("rank 0's") == "rank 0's"
+        assert distributed.gather_object(5) == [5]
+        distributed.barrier()
+        info = distributed.setup("cpu")  # already joined: not joined twice
+        assert info.world_size == 1
+    finally:
+        distributed.teardown()
+    assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------- loop helpers
+
+
+def test_another_setting_is_refused_with_at_most_eight_differences_listed():
+    before = {f"k{n}": 0 for n in range(10)}
+    refuse_other_run("here", before, dict(before))  # the same setting: nothing to refuse
+    eight = {**before, **{f"k{n}": 1 for n in range(8)}}
+    with pytest.raises(CheckpointError) as error:
+        refuse_other_run("here", before, eight)
+    listed = "; ".join(f"k{n}: 0 -> 1" for n in range(8))
+    assert str(error.value) == (f"here holds a run of another setting ({listed}): a changed setting is a new run, "
+                                "so leave run_dir out (each setting gets its own folder) or delete here to start over")
+    ten = {f"k{n}": 1 for n in range(10)}
+    with pytest.raises(CheckpointError) as error:
+        refuse_other_run("here", before, ten)
+    assert f"({listed}; and 2 more): a changed setting" in str(error.value)
+
+
+def test_precision_modes_that_cannot_run_fall_back_to_float32_with_a_note(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision_mode("bf16", cpu) == (
+        "off", "note: trainer.amp=bf16 runs as off (float32) on the CPU, where bf16 autocast is slower")
+    assert precision_mode("fp16", cpu) == ("fp16", None) and precision_mode("off", cpu) == ("off", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"old GPU {device}")
+    gpu = torch.device("cuda", 0)
+    assert precision_mode("bf16", gpu) == ("off", "note: old GPU cuda:0 has no bf16: running float32 (or set "
+                                                  "trainer.amp=fp16)")
+    assert precision_mode("fp16", gpu) == ("fp16", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert precision_mode("bf16", gpu) == ("bf16", None)
+    assert precision_mode("bf16", torch.device("mps")) == ("bf16", None)
+
+
+def test_epoch_totals_start_at_zero_and_round_trip_through_plain_values():
+    totals = EpochTotals.zeros(torch.device("cpu"))
+    assert [t.dtype for t in (totals.loss_sum, totals.correct, totals.count, totals.skipped)] == [
+        torch.float32, torch.int64, torch.int64, torch.int64]
+    assert totals.to_plain() == {"loss_sum": 0.0, "correct": 0, "count": 0, "skipped": 0, "train_time_s": 0.0}
+    saved = {"loss_sum": 12.5, "correct": 7, "count": 24, "skipped": 2, "train_time_s": 3.25}
+    restored = EpochTotals.from_plain(saved, torch.device("cpu"))
+    assert restored.to_plain() == saved
+    assert restored.correct.dtype == torch.int64
+
+
+def test_the_validation_pick_is_the_first_epoch_with_the_best_val_top1():
+    rows = [{"epoch": 1, "val_top1": 50.0, "test_top1": 40.0}, {"epoch": 2, "val_top1": 60.0, "test_top1": 45.0},
+            {"epoch": 3, "val_top1": 60.0, "test_top1": 55.0}, {"epoch": 4, "val_top1": 30.0, "test_top1": 70.0}]
+    assert _chosen_by_validation(rows) == {"best_val_top1": 60.0, "best_val_epoch": 2, "test_top1_at_best_val": 45.0,
+                                           "final_val_top1": 30.0}
+    assert _chosen_by_validation([]) == {}
+    assert _chosen_by_validation([{"epoch": 1, "test_top1": 40.0}]) == {}
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    loop.seed_everything(5)
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_an_out_of_memory_message_without_detail_and_a_batch_of_one(small, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError()
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    with pytest.raises(FsamError) as error:
+        run(small(trainer={"batch_size": 1}))
+    assert str(error.value).startswith("out of memory on cpu with trainer.batch_size=1 (): use a smaller "
+                                       "trainer.batch_size (e.g. 1), or trainer.micro_batches=2 to keep")
