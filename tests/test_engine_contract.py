@@ -857,6 +857,24 @@ def test_a_warmup_as_long_as_the_run_leaves_the_cosine_at_one():
     assert [factor(step) for step in (0, 4, 8)] == pytest.approx([0.0, 0.5, 1.0])
 
 
+def test_a_one_step_cosine_reaches_zero_after_its_step():
+    factor = factor_of(steps_per_epoch=1, epochs=1)
+    assert (factor(0), factor(1)) == pytest.approx((1.0, 0.0), abs=1e-15)
+
+
+def test_the_schedule_warms_up_to_the_optimizer_rate():
+    model = nn.Linear(2, 2)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ScheduleConfig(warmup_epochs=1, warmup_lr=0.02)
+    schedule = create_schedule(plain, config, lr=0.1, steps_per_epoch=2, epochs=2)
+    rates = [plain.param_groups[0]["lr"]]
+    for _ in range(2):
+        plain.step()
+        schedule.step()
+        rates.append(plain.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.02, 0.06, 0.1])
+
+
 def test_multistep_multiplies_by_gamma_from_each_milestone_epoch_on():
     factor = factor_of(epochs=4, name="multistep", milestones=[1, 3], gamma=0.1)  # boundaries at steps 4 and 12
     assert [factor(step) for step in (0, 3, 4, 11, 12, 15)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
@@ -948,6 +966,47 @@ def test_best_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
     assert not os.path.samefile(store.best, store.last)
     assert store.best.read_bytes() == store.last.read_bytes()
     assert sorted(path.name for path in store.folder.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_the_previous_checkpoint_is_read_when_last_is_missing(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1})
+    store.save({"model": 2})
+    store.last.unlink()  # killed between the two renames of a save
+    assert store.load_latest() == {"model": 1}
+
+
+def test_a_temporary_file_that_could_not_be_opened_is_reported_like_any_failed_write(tmp_path, monkeypatch):
+    import errno
+    import fsam.engine.checkpoint as checkpoint_module
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint_module, "open", refused, raising=False)
+    with pytest.raises(RunFolderError, match=r"\(Permission denied\): no checkpoint was written yet; make the folder "):
+        store.save({"model": 1})
+
+
+def test_a_best_copy_that_fails_is_reported_and_last_is_already_new(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save({"model": 1})
+
+    def fails(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", fails)
+    monkeypatch.setattr(shutil, "copyfile", fails)
+    with pytest.raises(RunFolderError) as error:
+        store.save({"model": 2}, best=True)
+    assert str(error.value).startswith(f"cannot write {store.last} (No space left on device): the checkpoints "
+                                       "last.pt, last.prev.pt are kept; free space")
+    assert store.load_latest() == {"model": 2}
 
 
 def test_a_store_in_a_deleted_run_folder_is_not_recreated(tmp_path):
@@ -1152,6 +1211,27 @@ def test_stop_signals_record_the_first_signal_and_give_the_handlers_back(quiet_s
             os.kill(os.getpid(), signal.SIGINT)  # the second one stops at once
     assert signal.getsignal(signal.SIGUSR1) is mine
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_under_ddp_the_processes_agree_on_the_largest_signal_any_received(monkeypatch):
+    """Another process's flag is simulated: the all-reduce of the flags gives their maximum on every process."""
+    other = {"flag": 0}
+    flags = []
+
+    def all_reduce_max(flag):
+        flags.append(flag.clone())
+        return flag.clamp_(min=other["flag"])
+
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce_max", all_reduce_max)
+    stops = StopSignals()
+    assert stops.agreed(torch.device("cpu")) is None  # nobody received one
+    other["flag"] = int(signal.SIGUSR2)
+    assert stops.agreed(torch.device("cpu")) == signal.SIGUSR2  # only the other process did
+    stops.received = signal.SIGTERM  # 15 > 12
+    assert stops.agreed(torch.device("cpu")) == signal.SIGTERM
+    assert [flag.tolist() for flag in flags] == [[0], [0], [15]]
+    assert all(flag.dtype == torch.int64 for flag in flags)
 
 
 def test_only_a_function_installed_before_gets_the_signal_forwarded(quiet_signals):
