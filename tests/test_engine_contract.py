@@ -1336,8 +1336,11 @@ def test_the_mirror_starts_wandb_with_the_run_identity(monkeypatch, capsys):
 def test_the_mirror_says_once_why_it_logs_offline(monkeypatch, capsys):
     fake = FakeWandb()
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
-    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", "is not logged in"))
+    asked = []
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode",
+                        lambda mode: (asked.append(mode), ("offline", "is not logged in"))[1])
     WandbMirror(logger(mode="online"), "/runs/a", "abc").start({}, resumed=False)
+    assert asked == ["online"]
     assert capsys.readouterr().err == ("warning: wandb is not logged in: logging offline to /runs/a/wandb; upload "
                                        "later with `wandb sync /runs/a/wandb/offline-run-*`\n")
     assert fake.inits[0]["mode"] == "offline"
@@ -1495,6 +1498,127 @@ def test_without_a_process_group_the_collectives_give_back_what_they_got():
     distributed.broadcast_buffers(model)
     distributed.barrier()
     distributed.teardown()
+
+
+class FakeGroup:
+    """A process group of two seen from one process: torch.distributed's calls are replaced by ones that record
+    what was asked and play the other process's part (it holds ``other`` in every reduction)."""
+
+    def __init__(self, monkeypatch, rank: int = 0, world_size: int = 2, other=None) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size, self.other, self.calls = rank, world_size, other, []
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: self.world_size)
+        monkeypatch.setattr(dist, "get_rank", lambda: self.rank)
+        for name in ("all_reduce", "broadcast_object_list", "broadcast", "gather_object", "barrier"):
+            monkeypatch.setattr(dist, name, getattr(self, name))
+
+    def all_reduce(self, tensor, op=None):
+        import torch.distributed as dist
+
+        self.calls.append(("all_reduce", op))
+        if op == dist.ReduceOp.SUM:
+            tensor.add_(self.other)
+        elif op == dist.ReduceOp.MAX:
+            torch.maximum(tensor, self.other, out=tensor)
+
+    def broadcast_object_list(self, box, src=None):
+        self.calls.append(("broadcast_object_list", src))
+        box[0] = f"rank {src}'s"
+
+    def broadcast(self, tensor, src=None):
+        self.calls.append(("broadcast", tensor.shape, src))
+        tensor.fill_(7)
+
+    def gather_object(self, value, gathered, dst=None):
+        self.calls.append(("gather_object", value, gathered, dst))
+        if gathered is not None:
+            gathered[:] = [value, "the other's"]
+
+    def barrier(self):
+        self.calls.append(("barrier",))
+
+
+def test_in_a_group_of_two_the_collectives_sum_take_the_maximum_and_share_rank_0s_values(monkeypatch):
+    import torch.distributed as dist
+
+    group = FakeGroup(monkeypatch, other=torch.tensor([3.0, 4.0]))
+    assert distributed.is_active()
+    assert distributed.all_reduce_sum(torch.tensor([1.0, 2.0])).tolist() == [4.0, 6.0]
+    assert distributed.all_reduce_max(torch.tensor([1.0, 5.0])).tolist() == [3.0, 5.0]
+    assert distributed.broadcast_object("mine") == "rank 0's"
+    assert distributed.broadcast_object("mine", src=1) == "rank 1's"
+    distributed.barrier()
+    assert group.calls == [("all_reduce", dist.ReduceOp.SUM), ("all_reduce", dist.ReduceOp.MAX),
+                           ("broadcast_object_list", 0), ("broadcast_object_list", 1), ("barrier",)]
+    group.world_size = 1
+    assert not distributed.is_active()
+
+
+def test_in_a_group_of_two_rank_0_gathers_every_value_and_gives_its_buffers(monkeypatch):
+    group = FakeGroup(monkeypatch)
+    assert distributed.gather_object("mine") == ["mine", "the other's"]
+    model = nn.BatchNorm1d(3)
+    distributed.broadcast_buffers(model)
+    assert model.running_mean.tolist() == [7.0, 7.0, 7.0] and model.num_batches_tracked.item() == 7
+    assert group.calls == [("gather_object", "mine", ["mine", "the other's"], 0),
+                           ("broadcast", torch.Size([3]), 0), ("broadcast", torch.Size([3]), 0),
+                           ("broadcast", torch.Size([]), 0)]
+    group.calls.clear()
+    group.rank = 1
+    assert distributed.gather_object("mine") is None
+    assert distributed.gather_object("mine", dst=1) == ["mine", "the other's"]
+    distributed.broadcast_buffers(model, src=1)
+    assert group.calls[:2] == [("gather_object", "mine", None, 0), ("gather_object", "mine", ["mine", "the other's"], 1)]
+    assert group.calls[2] == ("broadcast", torch.Size([3]), 1)
+
+
+def test_several_processes_wrap_the_model_in_ddp_on_their_own_gpu(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: made.append((model, device_ids)) or "wrapped")
+    model = nn.Linear(2, 2)
+    assert distributed.wrap(model, distributed.DistInfo(world_size=2)) == "wrapped"
+    assert distributed.wrap(model, distributed.DistInfo(world_size=2, device=torch.device("cuda", 1))) == "wrapped"
+    assert made == [(model, None), (model, [1])]
+
+
+def test_setup_of_several_processes_joins_the_group_with_the_backend_of_the_device(monkeypatch):
+    import datetime
+    import torch.distributed as dist
+
+    joined, chosen = [], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert distributed.setup("cpu", timeout_minutes=5) == distributed.DistInfo(rank=1, world_size=2, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    info = distributed.setup("auto")
+    assert info.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert joined == [
+        ("gloo", {"rank": 1, "world_size": 2, "timeout": datetime.timedelta(minutes=5)}),
+        ("nccl", {"rank": 1, "world_size": 2, "timeout": datetime.timedelta(minutes=30)}),
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.setup("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    distributed.setup("cpu")
+    assert len(joined) == 2  # one process, or a group already joined: nothing more
+
+
+def test_setup_picks_the_device_automatically_by_default(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup().device == torch.device("cpu")
 
 
 def test_in_a_process_group_of_one_the_collectives_are_the_identity(tmp_path):
