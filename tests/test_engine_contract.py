@@ -1710,3 +1710,50 @@ def test_an_out_of_memory_message_without_detail_and_a_batch_of_one(small, monke
         run(small(trainer={"batch_size": 1}))
     assert str(error.value).startswith("out of memory on cpu with trainer.batch_size=1 (): use a smaller "
                                        "trainer.batch_size (e.g. 1), or trainer.micro_batches=2 to keep")
+
+
+def test_each_process_checkpoints_its_own_fsam_ema_unless_the_clean_pass_is_synchronised():
+    from types import SimpleNamespace
+
+    model = nn.Linear(4, 3)
+    fsam = loop.create_optimizer(model, "fsam", lr=0.1)
+    loop.train_step(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), nn.CrossEntropyLoss(), fsam,
+                    precision=Precision("off"))
+    fsam.state[model.bias].pop("ema")  # a parameter without an EMA yet is kept as None
+
+    def replica_state(optimizer, sync_clean_pass):
+        trainer = SimpleNamespace(optimizer=optimizer,
+                                  config=load_config({"trainer": {"sync_clean_pass": sync_clean_pass}}))
+        return loop._Trainer._replica_state(trainer)
+
+    own = replica_state(fsam, False)
+    assert list(own) == ["ema"] and own["ema"][1] is None
+    assert torch.equal(own["ema"][0], fsam.state[model.weight]["ema"]) and own["ema"][0].device.type == "cpu"
+    assert replica_state(fsam, True) is None  # every replica has the same EMA
+    assert replica_state(loop.create_optimizer(model, "sgd", lr=0.1), False) is None
+    assert replica_state(loop.create_optimizer(model, "sam", lr=0.1), False) is None  # SAM keeps nothing of its own
+
+
+def test_an_epoch_of_one_example_records_that_examples_loss_and_accuracy(small, monkeypatch):
+    real = loop.train_step
+    losses = []
+
+    def right(model, inputs, targets, *args, **kwargs):  # the step's logits put the target first
+        out = real(model, inputs, targets, *args, **kwargs)
+        losses.append(out.loss.item())
+        return dataclasses.replace(out, logits=F.one_hot(targets, 10).float())
+
+    monkeypatch.setattr(loop, "train_step", right)
+    config = small(dataset={"train_subset": 1}, trainer={"batch_size": 1, "epochs": 1})
+    run(config)
+    (row,) = metrics_of(config["run_dir"])
+    assert row["train_loss"] == pytest.approx(losses[0], rel=1e-6)
+    assert row["train_top1"] == 100.0
+
+
+def test_the_summary_describes_the_data_as_built(small, monkeypatch):
+    real = loop.build_data
+    bundles = []
+    monkeypatch.setattr(loop, "build_data", lambda *a, **k: bundles.append(real(*a, **k)) or bundles[-1])
+    summary = run(small(trainer={"epochs": 1}))
+    assert summary["data"] == bundles[0].info and summary["data"]
