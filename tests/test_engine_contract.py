@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,9 @@ def test_each_row_holds_what_evaluate_said_of_the_model_of_that_epoch(small, mon
 
 def test_the_summary_states_the_run(small, capsys):
     config = small()
+    started = time.perf_counter()
     summary = run(config)
+    assert 0 < summary["wall_time_s"] <= time.perf_counter() - started
     rows = metrics_of(config["run_dir"])
     written = json.loads((Path(config["run_dir"]) / "summary.json").read_text())
     assert written == summary
@@ -187,8 +190,9 @@ def test_the_summary_states_the_run(small, capsys):
     assert summary["train_time_s"] == pytest.approx(sum(row["epoch_time_s"] for row in rows))
     assert summary["images_per_s"] == pytest.approx(80 / summary["train_time_s"])
     assert summary["wall_time_s"] >= rows[-1]["wall_time_s"]
-    assert summary["model"]["parameters"] == PARAMETERS
-    assert summary["model"]["label"] == "pyramidnet8 (0.0307M parameters)"
+    assert summary["model"] == {"name": "pyramidnet110", "parameters": PARAMETERS,
+                                "kwargs": {"depth": 8, "alpha": 270.0, "bottleneck": True, "init": "ours"},
+                                "label": "pyramidnet8 (0.0307M parameters)"}
     assert summary["setting"].startswith("cifar10-pyramidnet8-sgd-")
     assert summary["setting_digest"].startswith(summary["setting"].rsplit("-", 1)[1])
     assert summary["wandb_id"] == checkpoint(config["run_dir"])["wandb_id"]
@@ -1757,3 +1761,91 @@ def test_the_summary_describes_the_data_as_built(small, monkeypatch):
     monkeypatch.setattr(loop, "build_data", lambda *a, **k: bundles.append(real(*a, **k)) or bundles[-1])
     summary = run(small(trainer={"epochs": 1}))
     assert summary["data"] == bundles[0].info and summary["data"]
+
+
+def test_a_checkpoint_of_more_processes_is_refused_by_their_number(small):
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    (Path(config["run_dir"]) / "config.yaml").unlink()
+    path = Path(config["run_dir"]) / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "processes": 2}, path)
+    with pytest.raises(CheckpointError, match=r"another setting \(processes: 2 -> 1;"):
+        run(config)
+    del state["processes"]  # a checkpoint without the number: one entry per process in replicas
+    torch.save({**state, "replicas": [None, None]}, path)
+    with pytest.raises(CheckpointError, match=r"another setting \(processes: 2 -> 1;"):
+        run(config)
+    del state["config"], state["replicas"]
+    torch.save(state, path)  # without a config: read as the default config, which differs in 19 keys
+    with pytest.raises(CheckpointError, match=r"another setting \(dataset.augment.crop: true -> false; .*and 11 more\)"):
+        run(config)
+
+
+def fake_trainer(**changes):
+    """What _Trainer's methods read of themselves, for calling one alone."""
+    from types import SimpleNamespace
+
+    saved = []
+    trainer = SimpleNamespace(
+        info=distributed.DistInfo(), device=torch.device("cpu"), saved=saved,
+        totals=EpochTotals.from_plain({"loss_sum": 2.5, "correct": 3, "count": 4, "skipped": 1, "train_time_s": 1.5},
+                                      torch.device("cpu")),
+        folder=SimpleNamespace(lock=SimpleNamespace(check=lambda: None)),
+        store=SimpleNamespace(save=lambda state, best: saved.append((state, best))),
+        _replica_state=lambda: {"ema": ["mine"]},
+        _state=lambda totals, replicas: {"totals": totals, "replicas": replicas},
+    )
+    for key, value in changes.items():
+        setattr(trainer, key, value)
+    return trainer
+
+
+OWN_TOTALS = {"loss_sum": 2.5, "correct": 3, "count": 4, "skipped": 1, "train_time_s": 1.5}
+
+
+def test_one_process_checkpoints_its_epoch_sums_and_no_replicas():
+    trainer = fake_trainer()
+    loop._Trainer._save(trainer)
+    loop._Trainer._save(trainer, best=True)
+    assert trainer.saved == [({"totals": OWN_TOTALS, "replicas": None}, False),
+                             ({"totals": OWN_TOTALS, "replicas": None}, True)]
+
+
+def test_under_ddp_rank_0_checkpoints_the_summed_epoch_and_each_process_own_state(monkeypatch):
+    group = FakeGroup(monkeypatch, other=torch.tensor(5))  # the other process holds 5 in every sum
+    trainer = fake_trainer(info=distributed.DistInfo(world_size=2))
+    loop._Trainer._save(trainer)
+    summed = {"loss_sum": 7.5, "correct": 8, "count": 9, "skipped": 6, "train_time_s": 1.5}
+    assert trainer.saved == [({"totals": summed, "replicas": [{"totals": OWN_TOTALS, "method": {"ema": ["mine"]}},
+                                                              "the other's"]}, False)]
+    assert trainer.totals.to_plain() == OWN_TOTALS  # its own sums go on unchanged
+    group.rank = 1
+    other = fake_trainer(info=distributed.DistInfo(rank=1, world_size=2))
+    loop._Trainer._save(other)
+    assert other.saved == [] and group.calls[-1][0] == "gather_object"  # rank 1 joins the collectives only
+
+
+def test_under_ddp_the_stop_signal_is_agreed_every_log_every_steps():
+    from types import SimpleNamespace
+
+    asked = []
+    trainer = fake_trainer(
+        info=distributed.DistInfo(world_size=2), progress=SimpleNamespace(global_step=3),
+        config=load_config({"trainer": {"log_every": 2}}),
+        stops=SimpleNamespace(received=signal.SIGTERM, agreed=lambda device: asked.append(device) or 12),
+    )
+    assert loop._Trainer._stop_requested(trainer) is None  # step 3: not a step to agree at
+    trainer.progress.global_step = 4
+    assert loop._Trainer._stop_requested(trainer) == 12 and asked == [torch.device("cpu")]
+    single = fake_trainer(stops=trainer.stops, progress=trainer.progress, config=trainer.config)
+    single.progress.global_step = 3
+    assert loop._Trainer._stop_requested(single) == signal.SIGTERM  # one process: its own record, every step
+
+
+def test_the_finite_check_returns_the_epoch_mean_loss_so_far():
+    trainer = fake_trainer()
+    assert loop._Trainer._check_finite(trainer) == 2.5 / 4
+    trainer.totals = EpochTotals.from_plain({**OWN_TOTALS, "count": 1}, torch.device("cpu"))
+    assert loop._Trainer._check_finite(trainer) == 2.5
