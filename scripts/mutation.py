@@ -106,7 +106,8 @@ def mutate(package: str, workers: int, recheck: bool, root: Path, only: list[str
     counts of every mutant's verdict (``not checked`` for those not run yet)."""
     folder = root / package.replace("/", "_")
     prepare(package, folder)
-    mutmut(folder, workers, only)
+    if not (recheck and only):  # --recheck --only GLOB: the survivors among GLOB only, not every mutant of GLOB
+        mutmut(folder, workers, only)
     if recheck:
         survivors = [name for name, status in verdicts(folder).items() if status in ("survived", "no tests")
                      and (not only or any(fnmatch.fnmatch(name, pattern) for pattern in only))]
@@ -123,7 +124,8 @@ def main() -> int:
     parser.add_argument("packages", nargs="+", choices=sorted(TESTS), help="packages to mutate")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--recheck", action="store_true",
-                        help="test every surviving mutant again against the current tests")
+                        help="test every surviving mutant again against the current tests (with --only: only the "
+                             "survivors among those mutants, skipping the ones already killed)")
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                         help="mutant names to run, e.g. 'fsam.engine.schedule.*' (mutmut's names: module.x_function)")
     parser.add_argument("--folder", type=Path, default=REPO / ".mutation", help="where the work folders live")
