@@ -1908,3 +1908,99 @@ def test_under_ddp_each_process_resumes_its_own_partial_epoch_and_ema(small, mon
     assert trainer(0).totals.to_plain() == state["epoch_totals"]
     assert trainer(1).totals.to_plain() == {"loss_sum": 0.0, "correct": 0, "count": 0, "skipped": 0,
                                             "train_time_s": 0.0}
+
+
+class FakeBar:
+    """Stands for tqdm: records how the bar was made and what it was told."""
+
+    made: list["FakeBar"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.updates, self.postfixes, self.closed = kwargs, [], [], 0
+        FakeBar.made.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def set_postfix(self, **kwargs):
+        self.postfixes.append(kwargs)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_the_progress_bar_counts_the_epoch_images_on_stderr_and_shows_loss_and_rate(small, monkeypatch):
+    import sys
+
+    FakeBar.made = []
+    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    steps = record_steps(monkeypatch)
+    run(small(trainer={"log_every": 2}))
+    first, second = FakeBar.made
+    common = {"total": 48, "initial": 0, "unit": "img", "unit_scale": True, "leave": False, "disable": None,
+              "file": sys.stderr}
+    assert first.kwargs == {**common, "desc": "epoch 1/2"} and second.kwargs == {**common, "desc": "epoch 2/2"}
+    assert first.updates == second.updates == [16, 16, 8] and first.closed == second.closed == 1
+    mean = (16 * steps[0]["loss"] + 16 * steps[1]["loss"]) / 32
+    assert first.postfixes == [{"loss": f"{mean:.4f}", "lr": f"{LR * cosine(2, 6):.4g}"}]  # after step 2
+    assert [postfix["lr"] for postfix in second.postfixes] == [f"{LR * cosine(4, 6):.4g}", f"{0.0:.4g}"]
+
+
+def test_the_progress_bar_of_a_resumed_epoch_starts_at_its_batch(small, monkeypatch):
+    FakeBar.made = []
+    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    config = small(trainer={"checkpoint_every_steps": 2})
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 3, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+    run(config)
+    resumed = FakeBar.made[1]
+    assert (resumed.kwargs["initial"], resumed.kwargs["total"], resumed.updates) == (32, 48, [8])
+
+
+def test_the_epoch_time_adds_up_the_training_between_checkpoints_and_signals(small, monkeypatch):
+    """A clock that advances 10 s per training step: each epoch of 3 steps trains for 30 s, however often it is
+    cut by checkpoints (every step here) and a signal handed to an earlier handler."""
+    from types import SimpleNamespace
+
+    clock = {"now": 0.0}
+    real = loop.train_step
+
+    def ten_seconds(*args, **kwargs):
+        clock["now"] += 10.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", ten_seconds)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    signal_after = {"n": 0}
+    timed = loop.train_step
+
+    def then_signal(*args, **kwargs):
+        out = timed(*args, **kwargs)
+        signal_after["n"] += 1
+        if signal_after["n"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", then_signal)
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    try:
+        config = small(trainer={"checkpoint_every_steps": 1})
+        summary = run(config)
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    rows = metrics_of(config["run_dir"])
+    assert [row["epoch_time_s"] for row in rows] == [30.0, 30.0]
+    assert [row["images_per_s"] for row in rows] == [40 / 30, 40 / 30]
+    assert (summary["train_time_s"], summary["wall_time_s"]) == (60.0, 60.0)
+
+
+def test_wandb_hears_of_a_run_out_of_memory_as_failed(small, monkeypatch, fake_wandb):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    with pytest.raises(FsamError):
+        run(small())
+    assert fake_wandb[0].exit_codes == [1]
