@@ -528,8 +528,11 @@ def test_a_folder_held_by_another_process_is_refused(small):
     holder = RunFolder(config["run_dir"])
     holder.hold()
     try:
-        with pytest.raises(RunFolderError):
+        with pytest.raises(RunFolderError) as error:
             run(config)
+        with pytest.raises(RunFolderError) as direct:
+            RunFolder(config["run_dir"]).hold()
+        assert str(error.value) == str(direct.value) and "None" not in str(error.value)
         assert not (Path(config["run_dir"]) / "launches.jsonl").exists()
     finally:
         holder.release()
@@ -771,7 +774,7 @@ def fake_wandb(monkeypatch) -> list:
     def start(self, plain_config, *, resumed):
         self.run = FakeWandbRun()
         self.run.started = {"config": plain_config, "resumed": resumed, "id": self.run_id, "group": self.group,
-                            "name": self.name}
+                            "name": self.name, "run_dir": self.run_dir}
         runs.append(self.run)
 
     monkeypatch.setattr(loop.WandbMirror, "start", start)
@@ -799,6 +802,7 @@ def test_wandb_gets_the_mean_loss_since_its_last_point_each_epoch_row_and_the_su
     assert wandb_run.exit_codes == [0]
     started = wandb_run.started
     assert started["resumed"] is False and started["id"] == summary["wandb_id"]
+    assert started["run_dir"] == config["run_dir"]
     assert started["group"] == summary["setting"] and started["name"] == f"{summary['setting']}-seed1"
     assert started["config"]["identity"]["setting"] == summary["setting"]
     assert started["config"]["trainer"]["log_every"] == 2
@@ -2004,3 +2008,42 @@ def test_wandb_hears_of_a_run_out_of_memory_as_failed(small, monkeypatch, fake_w
     with pytest.raises(FsamError):
         run(small())
     assert fake_wandb[0].exit_codes == [1]
+
+
+def test_the_schedule_of_a_run_warms_up_from_warmup_lr_to_the_optimizer_rate(small, monkeypatch):
+    steps = record_steps(monkeypatch)
+    run(small(schedule={"warmup_epochs": 1, "warmup_lr": 0.004}, trainer={"epochs": 2}))
+    # 3 warmup steps from 0.004 to 0.01, then a cosine over the 3 others
+    assert [step["lr"] for step in steps] == pytest.approx([0.004, 0.006, 0.008, 0.01, 0.0075, 0.0025])
+
+
+def test_the_model_gets_its_pretrained_weights_channels_last_and_a_forward_check(small, built, monkeypatch):
+    checked = []
+    monkeypatch.setattr(loop, "check_forward", lambda model, size, kwargs: checked.append((type(model), size, kwargs)))
+    run(small(model={"name": "resnet18", "kwargs": {"dropout": 0.0}, "pretrained_path": "weights.pt"},
+              trainer={"epochs": 1, "channels_last": True}))
+    assert built[0]["pretrained_path"] == "weights.pt"
+    assert checked == [(TinyNet, 32, {"dropout": 0.0})]
+
+
+def test_a_folder_of_more_processes_in_config_yaml_is_refused_by_their_number(small):
+    import yaml
+
+    config = small(trainer={"epochs": 1})
+    run(config)
+    (Path(config["run_dir"]) / "summary.json").unlink()
+    path = Path(config["run_dir"]) / "config.yaml"
+    record = yaml.safe_load(path.read_text())
+    record["identity"]["processes"] = 2
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    with pytest.raises(CheckpointError, match=r"^" + config["run_dir"] + r" holds a run of another setting \(processes: 2 -> 1"):
+        run(config)
+
+
+def test_a_diverged_status_without_a_message_points_to_status_json(small):
+    config = small()
+    Path(config["run_dir"]).mkdir(parents=True)
+    (Path(config["run_dir"]) / "status.json").write_text('{"status": "diverged"}')
+    with pytest.raises(DivergedError) as error:
+        run(config)
+    assert str(error.value).startswith(f"{config['run_dir']} diverged in an earlier launch (see status.json); it is")
