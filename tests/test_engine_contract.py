@@ -1943,7 +1943,7 @@ def test_the_progress_bar_counts_the_epoch_images_on_stderr_and_shows_loss_and_r
     steps = record_steps(monkeypatch)
     run(small(trainer={"log_every": 2}))
     first, second = FakeBar.made
-    common = {"total": 48, "initial": 0, "unit": "img", "unit_scale": True, "leave": False, "disable": None,
+    common = {"total": 40, "initial": 0, "unit": "img", "unit_scale": True, "leave": False, "disable": None,
               "file": sys.stderr}
     assert first.kwargs == {**common, "desc": "epoch 1/2"} and second.kwargs == {**common, "desc": "epoch 2/2"}
     assert first.updates == second.updates == [16, 16, 8] and first.closed == second.closed == 1
@@ -1962,7 +1962,7 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_at_its_batch(small, monkeypa
             run(config)
     run(config)
     resumed = FakeBar.made[1]
-    assert (resumed.kwargs["initial"], resumed.kwargs["total"], resumed.updates) == (32, 48, [8])
+    assert (resumed.kwargs["initial"], resumed.kwargs["total"], resumed.updates) == (32, 40, [8])
 
 
 def test_the_epoch_time_adds_up_the_training_between_checkpoints_and_signals(small, monkeypatch):

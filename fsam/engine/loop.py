@@ -442,8 +442,10 @@ class _Trainer:
         trainer, progress, totals = self.config.trainer, self.progress, self.totals
         batch_size = trainer.batch_size
         self.train_model.train()
+        # the images of this process's epoch: the last batch may be partial (dataset.drop_last=false)
+        images = min(self.steps_per_epoch * batch_size, self.data.info["train_per_rank"])
         bar = tqdm(
-            total=self.steps_per_epoch * batch_size, initial=progress.batch * batch_size, unit="img",
+            total=images, initial=min(progress.batch * batch_size, images), unit="img",
             unit_scale=True, desc=f"epoch {progress.epoch + 1}/{trainer.epochs}", leave=False,
             disable=None if self.info.is_main else True, file=sys.stderr,
         )
