@@ -976,3 +976,12 @@ def test_build_data_defaults_are_seed_0_validation_seed_0_two_workers_and_standa
     assert next(default.train.iterate(0))[0].is_contiguous()
     write_imagefolder(tmp_path, classes=2, per_class=2, size=20)
     assert build_data("imagenet", str(tmp_path), batch_size=2, image_size=16).train.loader.num_workers == 2
+
+
+def test_pixels_that_are_not_numbers_are_named_by_their_type(tmp_path):
+    folder = _cifar10(tmp_path)
+    batch = _batch(folder / "test_batch")
+    _rewrite(folder / "test_batch", {**batch, b"data": np.array([["a"] * 3072] * 4)})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path)
+    assert str(error.value).startswith(f"{folder / 'test_batch'} holds <U1 pixels: CIFAR batches hold uint8 pixels")
