@@ -374,16 +374,16 @@ def test_channels_last_and_the_image_size_reach_every_loader():
 def test_an_imagefolder_bundle_holds_its_splits_noise_and_the_imagenet_statistics(tmp_path):
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    write_imagefolder(tmp_path, classes=2, per_class=5, size=20)
-    bundle = build_data("imagenet", str(tmp_path), batch_size=3, eval_batch_size=4, image_size=16, num_workers=0,
+    write_imagefolder(tmp_path, classes=2, per_class=6, size=20)
+    bundle = build_data("imagenet", str(tmp_path), batch_size=3, eval_batch_size=5, image_size=16, num_workers=0,
                         seed=1, train_subset=10, val_split=2, val_seed=3, noise=NoiseSpec("symmetric", 1.0, seed=1),
                         drop_last=False, channels_last=True)
     assert bundle.info == {"dataset": "imagenet", "num_classes": 2, "image_size": 16, "num_train": 8, "num_val": 2,
-                           "num_test": 10, "train_per_rank": 8, "label_noise": bundle.info["label_noise"]}
+                           "num_test": 12, "train_per_rank": 8, "label_noise": bundle.info["label_noise"]}
     assert bundle.info["label_noise"]["ratio"] == 1.0 and bundle.train_in_order is None
     assert (bundle.mean, bundle.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
     assert [len(t) for _, t in bundle.train.iterate(0)] == [3, 3, 2]  # drop_last=false keeps the last batch
-    assert [len(t) for _, t in bundle.test.iterate(0)] == [4, 4, 2] and [len(t) for _, t in bundle.val.iterate(0)] == [2]
+    assert [len(t) for _, t in bundle.test.iterate(0)] == [5, 5, 2] and [len(t) for _, t in bundle.val.iterate(0)] == [2]
     inputs, _ = next(bundle.train.iterate(0))
     assert inputs.shape == (3, 3, 16, 16) and inputs.is_contiguous(memory_format=torch.channels_last)
     kept = build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
@@ -393,6 +393,10 @@ def test_an_imagefolder_bundle_holds_its_splits_noise_and_the_imagenet_statistic
     again = build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
                        val_split=2, val_seed=3, seed=8)
     assert held == sorted(t for _, labels in again.val.iterate(0) for t in labels.tolist())
+    assert build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0).val is None
+    with pytest.raises(ConfigError, match="leaves a last batch of 1 example"):
+        build_data("imagenet", str(tmp_path), batch_size=3, image_size=16, num_workers=0, train_subset=10,
+                   drop_last=False)
 
 
 # --- extracting a CIFAR archive ----------------------------------------------------------------------------------
@@ -974,6 +978,7 @@ def test_build_data_defaults_are_seed_0_validation_seed_0_two_workers_and_standa
     assert torch.equal(next(default.train.iterate(0))[0], next(explicit.train.iterate(0))[0])
     assert torch.equal(next(default.val.iterate(0))[1], next(explicit.val.iterate(0))[1])
     assert next(default.train.iterate(0))[0].is_contiguous()
+    assert build_data("digits", "unused", batch_size=64).val is None
     write_imagefolder(tmp_path, classes=2, per_class=2, size=20)
     assert build_data("imagenet", str(tmp_path), batch_size=2, image_size=16).train.loader.num_workers == 2
 
