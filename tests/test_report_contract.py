@@ -289,6 +289,24 @@ def test_all_settings_draws_every_setting_named_by_what_differs_in_one_line_styl
     assert points(drawn[0].figure.axes[0].lines[2]) == [(1, 50.0), (2, 52.0)]  # the finished seed only
 
 
+def dash_pattern(line) -> tuple:
+    return line.get_linestyle(), line._unscaled_dash_pattern  # named styles, then the dash lengths themselves
+
+
+def test_all_settings_gives_up_to_six_settings_of_a_method_six_different_line_styles(tmp_path, drawn):
+    root = tmp_path / "runs"
+    lambdas = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    for lmbda in lambdas:
+        write_run(root, f"fsam-{lmbda}/seed1", method="fsam", lmbda=lmbda, top1=[50.0, 50.0 + 10 * lmbda])
+    figures.learning_curves(load_runs(root), tmp_path, all_settings=True)
+    lines = drawn[0].figure.axes[0].lines
+    assert [line.get_label() for line in lines] == [f"F-SAM (λ {lmbda:g}), n=1" for lmbda in lambdas]
+    assert [line.get_linestyle() for line in lines[:4]] == ["-", "--", ":", "-."]
+    assert len({dash_pattern(line) for line in lines[:6]}) == 6
+    assert dash_pattern(lines[6]) == dash_pattern(lines[0])  # the seventh starts the styles again
+    assert points(lines[4]) == [(1, 50.0), (2, 55.0)]
+
+
 def test_one_setting_per_method_counts_only_finished_seeds_then_takes_the_first_name(tmp_path):
     root = tmp_path / "runs"
     # SGD: one finished seed at lr 0.1; two runs at lr 0.05 that never finished; whichever name sorts first,
