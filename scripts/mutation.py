@@ -35,7 +35,7 @@ TESTS = {
     "fsam/optim": ["tests/test_optim.py", "tests/test_optim_contract.py", "tests/test_pinned_behaviour.py",
                    "tests/test_hot_path.py", "tests/test_perturbation_analysis.py"],
     "fsam/data": ["tests/test_data.py", "tests/test_data_contract.py", "tests/test_validation.py"],
-    "fsam/report": ["tests/test_report.py"],
+    "fsam/report": ["tests/test_report.py", "tests/test_report_contract.py"],
     "fsam/engine": ["tests/test_engine.py", "tests/test_pinned_behaviour.py", "tests/test_preemption.py"],
 }
 
