@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.colors import to_rgba
 from matplotlib.ticker import MaxNLocator
 
@@ -218,14 +219,23 @@ def test_learning_curves_average_only_the_finished_seeds_of_a_setting_that_has_s
     assert points(line) == [(1, 60.0), (2, 70.0)] and line.get_label() == "F-SAM, n=1"
 
 
-def test_a_setting_without_metrics_is_left_out_and_the_others_still_drawn(tmp_path, drawn):
+def test_a_setting_without_epoch_records_is_left_out_and_the_others_still_drawn(tmp_path, drawn):
     root = tmp_path / "runs"
-    empty = write_run(root, "sgd/seed1", state="unfinished")  # SGD comes first in the method order
+    empty = write_run(root, "sgd/seed1", state="unfinished")  # SGD and SAM come first in the method order
     (empty / "metrics.jsonl").write_text("")
+    per_step = write_run(root, "sam/seed1", method="sam", state="unfinished")
+    (per_step / "metrics.jsonl").write_text('{"step": 5, "test_top1": 10.0, "train_loss": 1.0}\n')  # no epoch
     write_run(root, "fsam/seed1", method="fsam", top1=[70.0, 80.0])
     figures.learning_curves(load_runs(root), tmp_path)
     accuracy = drawn[0].figure.axes[0]
     assert [line.get_label() for line in accuracy.lines] == ["F-SAM, n=1"]
+
+
+def test_a_method_without_a_colour_or_a_name_is_drawn_last_in_black_under_its_own_name(one_panel, drawn, tmp_path):
+    figures.learning_curves(one_panel.replace({"optimizer": {"fsam": "newmethod"}}), tmp_path)
+    accuracy = drawn[0].figure.axes[0]
+    assert [(line.get_label(), line.get_color()) for line in accuracy.lines] == [
+        ("SGD, n=2", SGD), ("SAM, n=1 (unfinished)", SAM), ("newmethod, n=1", "black")]
 
 
 def test_learning_curves_of_nothing_draw_nothing(tmp_path, drawn):
@@ -355,10 +365,10 @@ def test_legend_labels_name_only_what_differs_between_settings_of_a_method():
 
 HEATMAP = summary_of(
     {"setting": "a", "lmbda": 0.3, "sigma": 0.5, "n": 2, "best_top1_mean": 92.0, "final_top1_mean": 91.0},
-    {"setting": "b", "lmbda": 0.3, "sigma": 1.5, "n": 1, "best_top1_mean": 93.5, "final_top1_mean": 93.5},
-    {"setting": "c", "lmbda": 0.9, "sigma": 0.5, "n": 3, "best_top1_mean": 95.0, "final_top1_mean": 90.0},
-    {"setting": "d", "lmbda": 0.9, "sigma": 1.5, "n": 0, "unfinished": 1},  # never finished: "not run"
-    {"setting": "e", "lmbda": 0.6, "sigma": 1.0, "rho": 0.5, "n": 1, "best_top1_mean": 99.0},  # another ρ
+    {"setting": "b", "lmbda": 0.6, "sigma": 1.0, "rho": 0.5, "n": 1, "best_top1_mean": 99.0},  # another ρ: left out
+    {"setting": "c", "lmbda": 0.3, "sigma": 1.5, "n": 1, "best_top1_mean": 93.5, "final_top1_mean": 93.5},
+    {"setting": "d", "lmbda": 0.9, "sigma": 1.5, "n": 3, "best_top1_mean": 95.0, "final_top1_mean": 90.0},
+    {"setting": "e", "lmbda": 0.9, "sigma": 0.5, "n": 0, "unfinished": 1},  # never finished: "not run"
     {"setting": "f", "optimizer": "sgd", **NOT_READ_BY_SGD, "n": 2, "best_top1_mean": 80.0},
     {"setting": "g", "dataset": "cifar100", "n": 1, "best_top1_mean": 70.0},  # one cell only: no heatmap
 )
@@ -376,10 +386,11 @@ def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_
     axis, colorbar = figure.figure.axes
     (image,) = axis.images
     grid = np.ma.filled(np.ma.asarray(image.get_array(), dtype=float), np.nan)
-    np.testing.assert_array_equal(grid, [[92.0, 93.5], [95.0, np.nan]])  # rows λ 0.3, 0.9; columns σ 0.5, 1.5
+    np.testing.assert_array_equal(grid, [[92.0, 93.5], [np.nan, 95.0]])  # rows λ 0.3, 0.9; columns σ 0.5, 1.5
     # low 92, high 95: text is black where the cell is in the top 40 % of that range (viridis' yellow end)
     assert cells(axis) == {(0, 0): ("92.00\nn=2", "white"), (1, 0): ("93.50\nn=1", "white"),
-                           (0, 1): ("95.00\nn=3", "black"), (1, 1): ("not run", "#777777")}
+                           (0, 1): ("not run", "#777777"), (1, 1): ("95.00\nn=3", "black")}
+    assert {(text.get_ha(), text.get_va()) for text in axis.texts} == {("center", "center")}  # inside its cell
     assert [label.get_text() for label in axis.get_xticklabels()] == ["0.5", "1.5"]
     assert [label.get_text() for label in axis.get_yticklabels()] == ["0.3", "0.9"]
     assert list(axis.get_xticks()) == [0, 1] and list(axis.get_yticks()) == [0, 1]
@@ -394,7 +405,7 @@ def test_the_heatmap_draws_the_metric_asked_for(drawn, tmp_path):
     figures.lambda_sigma_heatmap(HEATMAP, tmp_path, "final_top1")
     axis, colorbar = drawn[0].figure.axes
     grid = np.ma.filled(np.ma.asarray(axis.images[0].get_array(), dtype=float), np.nan)
-    np.testing.assert_array_equal(grid, [[91.0, 93.5], [90.0, np.nan]])
+    np.testing.assert_array_equal(grid, [[91.0, 93.5], [np.nan, 90.0]])
     assert cells(axis)[(0, 0)] == ("91.00\nn=2", "white") and cells(axis)[(1, 0)] == ("93.50\nn=1", "black")
     assert colorbar.get_ylabel() == FINAL and axis.get_title().startswith(f"F-SAM on CIFAR-10, resnet18: {FINAL}\n")
 
@@ -405,12 +416,36 @@ def test_the_heatmap_needs_two_values_of_lambda_or_of_sigma(drawn, tmp_path):
                    for i, (s, lmbda) in enumerate((("b", 0.3), ("c", 0.9)))]
     two_sigmas = [{"setting": s, "dataset": "imagenet", "model": "resnet50", "sigma": sigma, "n": 1,
                    "best_top1_mean": 70.0} for s, sigma in (("d", 0.5), ("e", 1.5))]
-    figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path)
+    written = figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path)
     assert [d.stem for d in drawn] == ["heatmap_lambda_sigma_CIFAR-100_resnet18",
                                        "heatmap_lambda_sigma_ImageNet_resnet50"]
+    assert written == [tmp_path / f"{d.stem}.{suffix}" for d in drawn for suffix in ("png", "pdf")]
     lambdas = drawn[0].figure.axes[0]
     assert [label.get_text() for label in lambdas.get_yticklabels()] == ["0.3", "0.9"]
     assert [label.get_text() for label in lambdas.get_xticklabels()] == ["1"]
+
+
+def test_a_heatmap_cell_of_two_settings_shows_the_first_ones_mean_with_its_own_n(drawn, tmp_path):
+    summary = summary_of(
+        {"setting": "a", "lmbda": 0.3, "sigma": 0.5, "n": 2, "best_top1_mean": 90.0},
+        {"setting": "a2", "lmbda": 0.3, "sigma": 0.5, "batch_size": 256, "n": 1, "best_top1_mean": 96.0},
+        {"setting": "b", "lmbda": 0.9, "sigma": 0.5, "n": 1, "best_top1_mean": 93.0},
+        {"setting": "c", "lmbda": 0.9, "sigma": 1.5, "n": 1, "best_top1_mean": 95.0},
+    )
+    figures.lambda_sigma_heatmap(summary, tmp_path)
+    # 93 is exactly 60 % of the way from 90 to 95: not above it, so still white
+    assert cells(drawn[0].figure.axes[0]) == {(0, 0): ("90.00\nn=2", "white"), (1, 0): ("not run", "#777777"),
+                                              (0, 1): ("93.00\nn=1", "white"), (1, 1): ("95.00\nn=1", "black")}
+
+
+def test_the_heatmap_draws_the_first_settings_rho_even_when_that_is_one_cell(drawn, tmp_path):
+    summary = summary_of({"setting": "a", "lmbda": 0.6, "rho": 0.5, "n": 1, "best_top1_mean": 99.0},
+                         {"setting": "b", "lmbda": 0.3, "n": 1, "best_top1_mean": 90.0},
+                         {"setting": "c", "lmbda": 0.9, "n": 1, "best_top1_mean": 91.0})
+    figures.lambda_sigma_heatmap(summary, tmp_path)
+    axis = drawn[0].figure.axes[0]
+    assert cells(axis) == {(0, 0): ("99.00\nn=1", "white")}
+    assert axis.get_title().endswith("\n(ρ 0.5, lr 0.1, epochs 200)")
 
 
 def test_the_heatmap_of_no_finished_fsam_run_is_not_drawn(drawn, tmp_path):
@@ -428,7 +463,10 @@ NOISE = summary_of(
     {"setting": "c-sgd-b", "optimizer": "sgd", **NOT_READ_BY_SGD, "lr": 0.05, "n": 3, "best_top1_mean": 99.0,
      "best_top1_std": 0.2},
     {"setting": "c-fsam", "n": 2, "best_top1_mean": 96.0, "best_top1_std": 0.5, "final_top1_mean": 95.5},
-    {"setting": "c-sam", "optimizer": "sam", "sigma": None, "lmbda": None, "n": 1, "best_top1_mean": 94.0},
+    # clean SAM only, three settings: the most seeds, then the first name
+    {"setting": "c-sam", "optimizer": "sam", "sigma": None, "lmbda": None, "n": 1, "best_top1_mean": 99.5},
+    {"setting": "c-sam-b", "optimizer": "sam", "sigma": None, "lmbda": None, "rho": 0.1, "n": 3, "best_top1_mean": 94.0},
+    {"setting": "c-sam-c", "optimizer": "sam", "sigma": None, "lmbda": None, "rho": 0.3, "n": 3, "best_top1_mean": 98.0},
     {"setting": "n-sgd-20", "optimizer": "sgd", **NOT_READ_BY_SGD, "noise": "symmetric", "noise_ratio": 0.2, "n": 2,
      "best_top1_mean": 85.0, "best_top1_std": 1.0},
     {"setting": "n-sgd-40", "optimizer": "sgd", **NOT_READ_BY_SGD, "noise": "symmetric", "noise_ratio": 0.4, "n": 1,
@@ -510,11 +548,12 @@ def test_the_ema_figure_shows_each_measurement_of_each_run_against_its_step(tmp_
     measured = [[{"step": 5, "ema_cosine": 0.9, "ema_relative_error": 0.45},
                  {"step": 10, "ema_cosine": 0.95, "ema_relative_error": 0.3}],
                 [{"step": 15, "ema_cosine": 0.97, "ema_relative_error": 0.25}]]
-    write_run(root, "fsam/seed2", method="fsam", seed=2, analysis=measured)
-    write_run(root, "fsam-quiet/seed1", method="fsam", lmbda=0.9, analysis=[[], []])  # measured nothing
-    write_run(root, "sgd/seed1")  # no measurements at all
-    empty = write_run(root, "sam/seed1", method="sam", state="unfinished")
+    # read in this order: the runs without measurements come first and must not stop the others
+    empty = write_run(root, "a-sam/seed1", method="sam", state="unfinished")
     (empty / "metrics.jsonl").write_text("")
+    write_run(root, "b-fsam-quiet/seed1", method="fsam", lmbda=0.9, analysis=[[], []])  # measured nothing
+    write_run(root, "c-sgd/seed1")  # no measurements at all
+    write_run(root, "d-fsam/seed2", method="fsam", seed=2, analysis=measured)
     runs = load_runs(root)
     written = figures.ema_agreement(runs, tmp_path / "figures")
     setting = setting_of(runs, optimizer="fsam", lmbda=0.6)
@@ -532,6 +571,15 @@ def test_the_ema_figure_shows_each_measurement_of_each_run_against_its_step(tmp_
     assert (error.get_title(), error.get_ylabel()) == ("Relative error", "||EMA − full|| / ||full||")
     assert figure.figure.get_suptitle() == ("CIFAR-10, resnet18, F-SAM seed 2: the EMA against the exact "
                                             "full-batch gradient")
+
+
+def test_an_ema_figure_of_a_method_without_a_colour_or_a_name_uses_black_and_its_own_name(tmp_path, drawn):
+    write_run(tmp_path / "runs", "fsam/seed1", method="fsam",
+              analysis=[[{"step": 1, "ema_cosine": 0.5, "ema_relative_error": 0.5}]])
+    figures.ema_agreement(load_runs(tmp_path / "runs").assign(optimizer="newmethod"), tmp_path)
+    cosine, _ = drawn[0].figure.axes
+    assert cosine.lines[0].get_color() == "black"
+    assert drawn[0].figure.get_suptitle().startswith("CIFAR-10, resnet18, newmethod seed 1: ")
 
 
 def test_every_run_that_measured_gets_its_own_ema_figure(tmp_path, drawn):
@@ -796,6 +844,15 @@ def test_load_runs_skips_unreadable_folders_and_keeps_those_it_cannot_identify(t
     assert pd.isna(unknown["setting"]) and unknown["optimizer"] == "lookahead" and unknown["model"] == "resnet18"
     assert unknown["lr"] == 0.05 and unknown["status"] == "finished"
     assert runs.iloc[0]["best_top1"] == 80.0
+
+
+def test_a_folder_whose_model_options_no_longer_check_is_listed_under_its_model_name(tmp_path):
+    folder = write_run(tmp_path, "run", model="pyramidnet110", model_kwargs={"depth": 8})
+    record = yaml.safe_load((folder / "config.yaml").read_text())
+    record["model"]["kwargs"]["depth"] = "eight"  # a value the builder refuses: no identity can be computed
+    (folder / "config.yaml").write_text(yaml.safe_dump(record))
+    (row,) = load_runs(tmp_path).to_dict("records")
+    assert pd.isna(row["setting"]) and row["model"] == "pyramidnet110" and row["status"] == "finished"
 
 
 def test_sam_with_an_analysis_direction_is_its_own_method(tmp_path):
