@@ -397,7 +397,7 @@ def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_
     assert axis.get_ylim()[0] < axis.get_ylim()[1]  # λ grows upwards
     assert image.get_cmap().name == "viridis" and axis.get_facecolor() == to_rgba("#eeeeee")  # grey: not run
     assert (axis.get_xlabel(), axis.get_ylabel()) == ("σ (share of the EMA removed)", "λ (EMA decay)")
-    assert colorbar.get_ylabel() == BEST
+    assert colorbar.get_ylabel() == BEST and colorbar.get_ylim() == (92.0, 95.0)  # the scale of the cells shown
     assert axis.get_title() == "F-SAM on CIFAR-10, resnet18: best-epoch test top-1 (%)\n(ρ 0.2, lr 0.1, epochs 200)"
 
 
