@@ -38,7 +38,7 @@ TESTS = {
                    "tests/test_hot_path.py", "tests/test_perturbation_analysis.py"],
     # The Optuna search tests train several runs each (17 s of the 35 s that cover nearly every data function).
     "fsam/data": ["tests/test_data.py", "tests/test_data_contract.py", "tests/test_validation.py", "-k", "not optuna"],
-    "fsam/report": ["tests/test_report.py"],
+    "fsam/report": ["tests/test_report.py", "tests/test_report_contract.py"],
     # The engine's own contract file only: its runs train a linear model in hundredths of a second and restate
     # what test_engine.py and test_pinned_behaviour.py check (each of those trains a PyramidNet or a timm ResNet,
     # 1-10 s a test, which every surviving mutant would pay). test_preemption.py is left out: its kill tests start

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fsam.config import load_config, to_plain
 from fsam.engine import run
 from fsam.report import load_metrics, load_runs, paper_layout, reference_table, settings_table, summarise
-from fsam.runfolder import RunFolder, RunLock, identity_record
+from fsam.runfolder import RunLock
+from reportgen import run_script, write_run
 from wandb_records import read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +97,9 @@ def test_the_reference_table_keeps_sources_and_marks_unavailable_cells():
     assert len(unavailable) == 18 and (unavailable["note"].str.contains("never filled by hand")).all()
 
 
-def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root, tmp_path):
+def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "tables"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(runs_root), "--out-dir", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    assert run_script(monkeypatch, "make_tables", runs_root, "--out-dir", out) == 0, capsys.readouterr().err
     expected = {"tables.md", "settings.md", "settings.csv", "settings.tex"} | {
         f"paper_{metric}.{suffix}" for metric in ("best_top1", "final_top1") for suffix in ("md", "csv", "tex")
     }
@@ -112,6 +107,7 @@ def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root,
     text = (out / "tables.md").read_text()
     assert "## Paper layout" in text and "5 finished" in text and "1 unfinished" in text
     assert "('cifar10'" not in text  # row labels are columns, not tuples
+    # the real command line: its exit status and message, not only main()'s
     missing = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(tmp_path / "nowhere"), "--out-dir", str(out)],
         capture_output=True, text=True, timeout=120,
@@ -121,36 +117,6 @@ def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root,
 
 
 # ------------------------------------------------------------------ generated run folders, expected by hand
-
-
-def write_run(root: Path, name: str, *, method: str = "sgd", lr: float = 0.1, seed: int = 1,
-              top1: list[float] | None = None, state: str = "finished", model: str = "resnet18",
-              noise: float = 0.0, lmbda: float = 0.6, sigma: float = 1.0) -> Path:
-    """A run folder in the engine's format, written without training: ``top1`` is the test top-1 of each epoch.
-    ``state``: finished (summary.json), diverged (status.json), unfinished (neither)."""
-    top1 = top1 or [50.0, 60.0]
-    config = load_config({
-        "run_dir": str(root / name),
-        "model": {"name": model},
-        "dataset": {"name": "cifar10", "noise": {"kind": "symmetric" if noise else "none", "ratio": noise}},
-        "optimizer": {"name": method, "lr": lr, "lmbda": lmbda, "sigma": sigma},
-        "trainer": {"epochs": len(top1), "seed": seed},
-    })
-    folder = RunFolder(config.run_dir)
-    folder.path.mkdir(parents=True)
-    identity = identity_record(config, 1, {"name": model, "kwargs": {}, "parameters": 11_173_962, "label": model})
-    folder.write_config(identity, to_plain(config))
-    rows = [{"epoch": epoch, "step": 10 * epoch, "test_top1": value, "train_loss": 2.0 / epoch}
-            for epoch, value in enumerate(top1, start=1)]
-    folder.rewrite_metrics(rows)
-    if state == "finished":
-        best = max(top1)
-        folder.write_summary({"status": "finished", "best_top1": best, "best_epoch": top1.index(best) + 1,
-                              "final_top1": top1[-1], "seed": seed, "method": method, "setting": identity["setting"],
-                              "model": identity["model"]}, epochs=len(top1))
-    elif state == "diverged":
-        folder.write_status({"status": "diverged", "message": "training diverged: test"})
-    return folder.path
 
 
 @pytest.fixture
@@ -214,12 +180,8 @@ def latex_rows(tex: str) -> list[str]:
     return [line for line in body.splitlines() if line.strip()]
 
 
-def test_the_latex_tables_are_booktabs_and_well_formed(generated, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(generated), "--out-dir", str(tmp_path / "t")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+def test_the_latex_tables_are_booktabs_and_well_formed(generated, tmp_path, monkeypatch, capsys):
+    assert run_script(monkeypatch, "make_tables", generated, "--out-dir", tmp_path / "t") == 0, capsys.readouterr().err
     for path in (tmp_path / "t").glob("*.tex"):
         tex = path.read_text()
         for command in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\end{tabular}"):
@@ -240,14 +202,10 @@ def test_the_latex_tables_are_booktabs_and_well_formed(generated, tmp_path):
             assert compiled.returncode == 0, compiled.stdout[-2000:]
 
 
-def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path):
+def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path, monkeypatch, capsys):
     out = tmp_path / "t"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(generated), "--out-dir", str(out),
-         "--wandb", "--wandb-mode", "offline"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
-    )
-    assert result.returncode == 0, result.stderr
+    status = run_script(monkeypatch, "make_tables", generated, "--out-dir", out, "--wandb", "--wandb-mode", "offline")
+    assert status == 0, capsys.readouterr().err
     (run_folder,) = (out / "wandb").glob("offline-run-*")
     record = read_run(run_folder)
     assert record["run"].job_type == "report"
@@ -264,14 +222,10 @@ def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path):
     assert chart["columns"] == ["cell", "mean"] and sorted(row[1] for row in chart["data"]) == [91.0, 94.0, 96.0]
 
 
-def test_backfill_sends_a_finished_run_to_wandb_as_the_run_it_was(generated):
+def test_backfill_sends_a_finished_run_to_wandb_as_the_run_it_was(generated, monkeypatch, capsys):
     folder = generated / "sgd-a" / "seed1"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "wandb_backfill.py"), str(generated), "--mode", "offline"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "5 of 5 finished runs sent" in result.stdout
+    assert run_script(monkeypatch, "wandb_backfill", generated, "--mode", "offline") == 0, capsys.readouterr().err
+    assert "5 of 5 finished runs sent" in capsys.readouterr().out
     (run_folder,) = (folder / "wandb").glob("offline-run-*")
     record = read_run(run_folder)
     setting = json.loads((folder / "summary.json").read_text())["setting"]
@@ -282,7 +236,7 @@ def test_backfill_sends_a_finished_run_to_wandb_as_the_run_it_was(generated):
     assert not list((generated / "sam" / "seed1").glob("wandb"))  # unfinished runs are not sent
 
 
-def test_every_figure_is_written_as_png_and_pdf(tmp_path):
+def test_every_figure_is_written_as_png_and_pdf(tmp_path, monkeypatch, capsys):
     root = tmp_path / "runs"
     for method in ("sgd", "sam", "fsam"):
         for seed in (1, 2):
@@ -294,9 +248,8 @@ def test_every_figure_is_written_as_png_and_pdf(tmp_path):
             write_run(root, f"fsam-{lmbda}-{sigma}/seed1", method="fsam", lmbda=lmbda, sigma=sigma,
                       top1=[50.0, 50.0 + 10 * lmbda + sigma])
     out = tmp_path / "figures"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "plot.py"), str(root), "--out-dir", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert run_script(monkeypatch, "plot", root, "--out-dir", out) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
     stems = {"curves_CIFAR-10_resnet18", "curves_CIFAR-10-symmetric-20-noise_resnet18",
              "curves_CIFAR-10-symmetric-40-noise_resnet18", "heatmap_lambda_sigma_CIFAR-10_resnet18",
              "noise_cifar10_resnet18_symmetric"}
@@ -304,12 +257,11 @@ def test_every_figure_is_written_as_png_and_pdf(tmp_path):
     for stem in stems:
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
-    assert "curves: left out" in result.stdout  # the λ × σ settings of F-SAM: named, not drawn over each other
+    assert "curves: left out" in printed  # the λ × σ settings of F-SAM: named, not drawn over each other
 
 
-def test_plot_draws_the_quick_starts_curves_where_a_new_user_has_them(runs_root, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "plot.py"), str(runs_root / "sgd" / "seed1"),
-                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_plot_draws_the_quick_starts_curves_where_a_new_user_has_them(runs_root, tmp_path, monkeypatch, capsys):
+    assert run_script(monkeypatch, "plot", runs_root / "sgd" / "seed1", "--out-dir", tmp_path) == 0, \
+        capsys.readouterr().err
     assert (tmp_path / "curves_CIFAR-10_pyramidnet8.png").stat().st_size > 10_000
-    assert "not drawn (λ × σ heatmap)" in result.stdout
+    assert "not drawn (λ × σ heatmap)" in capsys.readouterr().out

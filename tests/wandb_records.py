@@ -9,6 +9,7 @@ per fragment; each record is a ``wandb.proto.wandb_internal_pb2.Record``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,27 @@ def _items(items: Any) -> dict[str, Any]:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+def complete_records(run_folder: Path, wait_s: float = 30.0) -> list[Any]:
+    """The records of the run in ``run_folder`` once its file holds the exit record. wandb's service completes
+    the file after ``run.finish()`` has returned, so a run logged in this process is read only when whole."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = list(run_folder.glob("run-*.wandb"))
+        try:
+            complete = records(found[0]) if len(found) == 1 else []
+        except Exception:  # a record being written: read again
+            complete = []
+        if any(record.WhichOneof("record_type") == "exit" for record in complete):
+            return complete
+        assert time.monotonic() < deadline, f"{run_folder} holds no complete wandb run after {wait_s} s"
+        time.sleep(0.05)
+
+
 def read_run(run_folder: Path) -> dict[str, Any]:
     """``{"run": Record.run, "history": [dict per log call], "summary": dict, "config": dict}`` of the offline
-    run in ``run_folder`` (a ``wandb/offline-run-*`` folder)."""
-    (path,) = run_folder.glob("run-*.wandb")
+    run in ``run_folder`` (a ``wandb/offline-run-*`` folder), once wandb has written all of it."""
     result: dict[str, Any] = {"run": None, "history": [], "summary": {}, "config": {}}
-    for record in records(path):
+    for record in complete_records(run_folder):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             result["run"] = record.run

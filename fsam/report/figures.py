@@ -120,7 +120,7 @@ def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = Fa
             for axis, key in ((accuracy_axis, "test_top1"), (loss_axis, "train_loss")):
                 stacked = pd.concat([curve[key] for curve in curves], axis=1)
                 mean, std = stacked.mean(axis=1), stacked.std(axis=1)
-                axis.plot(mean.index, mean.values, style, color=color, label=label, linewidth=1.8)
+                axis.plot(mean.index, mean.values, linestyle=style, color=color, label=label, linewidth=1.8)
                 if len(curves) >= 2:
                     axis.fill_between(mean.index, (mean - std).values, (mean + std).values, color=color, alpha=0.18,
                                       linewidth=0)
