@@ -990,3 +990,28 @@ def test_pixels_that_are_not_numbers_are_named_by_their_type(tmp_path):
     with pytest.raises(DataError) as error:
         _read(tmp_path)
     assert str(error.value).startswith(f"{folder / 'test_batch'} holds <U1 pixels: CIFAR batches hold uint8 pixels")
+
+
+@pytest.mark.parametrize(("rank", "expected"), [
+    (0, ["prepare(download=False)", "barrier"]),
+    (1, ["barrier", "prepare(download=False)"]),
+])
+def test_build_data_under_torch_distributed_lets_rank_zero_prepare_cifar_first(tmp_path, monkeypatch, rank, expected):
+    write_cifar_archive(tmp_path, n_train=16, n_test=8)
+    group = _FakeGroup(monkeypatch)
+    real = cifar.prepare_folder
+
+    def prepare(variant, root, *, download, url, md5):
+        group.events.append(f"prepare(download={download})")
+        return real(variant, root, download=download, url=url, md5=md5)
+
+    monkeypatch.setattr(cifar, "prepare_folder", prepare)
+    build_data("cifar10", str(tmp_path), batch_size=4, download=False, rank=rank, world_size=2)
+    assert group.events == expected
+
+
+def test_build_data_with_download_off_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "_download", lambda *args: pytest.fail("downloaded although download=False"))
+    with pytest.raises(DataError) as error:
+        build_data("cifar10", str(tmp_path), batch_size=4, download=False)
+    assert str(error.value).startswith(f"CIFAR-10 not found: {tmp_path} holds neither cifar-10-batches-py/ nor")
