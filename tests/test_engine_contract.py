@@ -1965,9 +1965,10 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_at_its_batch(small, monkeypa
     assert (resumed.kwargs["initial"], resumed.kwargs["total"], resumed.updates) == (32, 40, [8])
 
 
-def test_the_epoch_time_adds_up_the_training_between_checkpoints_and_signals(small, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_the_epoch_time_adds_up_the_training_between_checkpoints_and_signals(small, monkeypatch, checkpoint_every):
     """A clock that advances 10 s per training step: each epoch of 3 steps trains for 30 s, however often it is
-    cut by checkpoints (every step here) and a signal handed to an earlier handler."""
+    cut by checkpoints (every step, or none) and a signal handed to an earlier handler."""
     from types import SimpleNamespace
 
     clock = {"now": 0.0}
@@ -1992,7 +1993,7 @@ def test_the_epoch_time_adds_up_the_training_between_checkpoints_and_signals(sma
     monkeypatch.setattr(loop, "train_step", then_signal)
     before = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
     try:
-        config = small(trainer={"checkpoint_every_steps": 1})
+        config = small(trainer={"checkpoint_every_steps": checkpoint_every})
         summary = run(config)
     finally:
         signal.signal(signal.SIGUSR2, before)
@@ -2049,3 +2050,30 @@ def test_a_diverged_status_without_a_message_points_to_status_json(small):
     with pytest.raises(DivergedError) as error:
         run(config)
     assert str(error.value).startswith(f"{config['run_dir']} diverged in an earlier launch (see status.json); it is")
+
+
+def test_a_checkpoint_written_before_the_ema_measurements_existed_resumes_with_none(small, monkeypatch):
+    config = small(trainer={"checkpoint_every_steps": 2})
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 3, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+    last = Path(config["run_dir"]) / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["analysis"]  # the format before trainer.full_grad_analysis_every
+    torch.save(state, last)
+    summary = run(config)
+    assert summary["status"] == "finished" and all("analysis" not in row for row in metrics_of(config["run_dir"]))
+
+
+def test_the_data_url_and_checksum_of_the_config_reach_the_data(small, monkeypatch):
+    asked = {}
+
+    def build_data(name, root, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loop, "build_data", build_data)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run(small(dataset={"url": "https://mirror.example/cifar-10-python.tar.gz", "md5": "0" * 32}))
+    assert (asked["url"], asked["md5"]) == ("https://mirror.example/cifar-10-python.tar.gz", "0" * 32)
