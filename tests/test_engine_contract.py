@@ -106,6 +106,14 @@ def checkpoint(run_dir, name: str = "last.pt") -> dict:
     return torch.load(Path(run_dir) / "checkpoints" / name, weights_only=True)
 
 
+def interrupt_at_call(monkeypatch, config: dict, call: int) -> None:
+    """Start ``config`` and stop it with Ctrl-C (KeyboardInterrupt) at the ``call``-th training step."""
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, call, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+
+
 def cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total))
 
@@ -389,10 +397,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_for_bit_with_dropout(small, tmp_path
     reference = small(run_dir=str(tmp_path / "reference"), **changes)
     run(reference)
     interrupted = small(run_dir=str(tmp_path / "interrupted"), **changes)
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 6, KeyboardInterrupt())  # in epoch 2, after the checkpoint of step 4
-        with pytest.raises(KeyboardInterrupt):
-            run(interrupted)
+    interrupt_at_call(monkeypatch, interrupted, 6)  # in epoch 2, after the checkpoint of step 4
     capsys.readouterr()
     summary = run(interrupted)
     lines = output_lines(capsys)
@@ -413,10 +418,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_for_bit_with_dropout(small, tmp_path
 
 def test_a_run_resumed_at_an_epoch_boundary_says_so_without_a_batch(small, monkeypatch, capsys):
     config = small()
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 4, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 4)
     capsys.readouterr()
     run(config)
     first = output_lines(capsys)[0]
@@ -426,10 +428,7 @@ def test_a_run_resumed_at_an_epoch_boundary_says_so_without_a_batch(small, monke
 
 def test_a_resumed_run_continues_its_wall_time(small, monkeypatch):
     config = small()
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 4, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 4)
     path = Path(config["run_dir"]) / "checkpoints" / "last.pt"
     torch.save({**checkpoint(config["run_dir"]), "wall_time_s": 1000.0}, path)  # as if the first launch took 1000 s
     summary = run(config)
@@ -818,10 +817,7 @@ def test_wandb_points_skip_an_interval_without_counted_examples(small, monkeypat
 
 def test_a_resumed_run_continues_the_same_wandb_run(small, monkeypatch, fake_wandb):
     config = small()
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 4, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 4)
     run(config)
     first, second = fake_wandb
     assert second.started["resumed"] is True and second.started["id"] == first.started["id"]
@@ -1865,10 +1861,7 @@ def test_a_resumed_run_keeps_the_best_epoch_of_the_launch_before(small, monkeypa
     real = loop.evaluate
     monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {**real(*a, **k), "test_top1": next(scripted)})
     config = small()
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 4, KeyboardInterrupt())  # after epoch 1
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 4)  # after epoch 1
     summary = run(config)
     assert (summary["best_top1"], summary["best_epoch"], summary["final_top1"]) == (75.0, 1, 50.0)
     assert checkpoint(config["run_dir"], "best.pt")["epoch"] == 1
@@ -1877,10 +1870,7 @@ def test_a_resumed_run_keeps_the_best_epoch_of_the_launch_before(small, monkeypa
 def test_a_resumed_run_keeps_the_ema_measurements_of_its_epoch(small, monkeypatch):
     changes = {"optimizer": {"name": "fsam"}, "trainer": {"full_grad_analysis_every": 1, "checkpoint_every_steps": 2}}
     config = small(**changes)
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 3, KeyboardInterrupt())  # after the checkpoint of step 2, which holds the measurement at 1
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 3)  # after the checkpoint of step 2, which holds the measurement at 1
     assert [entry["step"] for entry in checkpoint(config["run_dir"])["analysis"]] == [1]
     run(config)
     assert [[entry["step"] for entry in row["analysis"]] for row in metrics_of(config["run_dir"])] == [[1, 2],
@@ -1889,10 +1879,7 @@ def test_a_resumed_run_keeps_the_ema_measurements_of_its_epoch(small, monkeypatc
 
 def test_under_ddp_each_process_resumes_its_own_partial_epoch_and_ema(small, monkeypatch):
     config = small(optimizer={"name": "fsam"}, trainer={"checkpoint_every_steps": 2})
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 3, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 3)
     path = Path(config["run_dir"]) / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)
     ema = [torch.full_like(state["model"][name], 0.5) for name in ("head.weight", "head.bias")]
@@ -1956,10 +1943,7 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_at_its_batch(small, monkeypa
     FakeBar.made = []
     monkeypatch.setattr(loop, "tqdm", FakeBar)
     config = small(trainer={"checkpoint_every_steps": 2})
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 3, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 3)
     run(config)
     resumed = FakeBar.made[1]
     assert (resumed.kwargs["initial"], resumed.kwargs["total"], resumed.updates) == (32, 40, [8])
@@ -2054,10 +2038,7 @@ def test_a_diverged_status_without_a_message_points_to_status_json(small):
 
 def test_a_checkpoint_written_before_the_ema_measurements_existed_resumes_with_none(small, monkeypatch):
     config = small(trainer={"checkpoint_every_steps": 2})
-    with monkeypatch.context() as patch:
-        stop_at_call(patch, 3, KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            run(config)
+    interrupt_at_call(monkeypatch, config, 3)
     last = Path(config["run_dir"]) / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     del state["analysis"]  # the format before trainer.full_grad_analysis_every
