@@ -85,7 +85,6 @@ appends their sections here and writes `results/bench_optim_cuda.json`; commit t
 """
 
 
-
 def epoch_images_per_s(loader, device: torch.device, rounds: int, batch_size: int) -> float:
     """Images per second of a loader's fastest whole epoch out of ``rounds`` (after one warm-up epoch)."""
     best = float("inf")
@@ -98,6 +97,7 @@ def epoch_images_per_s(loader, device: torch.device, rounds: int, batch_size: in
         if epoch > 0:
             best = min(best, time.perf_counter() - start)
     return len(loader) * batch_size / best
+
 
 def generated_imagefolder(root: Path, num_images: int, size: int, classes: int = 4) -> float:
     """Write ``num_images`` training JPEGs of ``size`` x ``size`` pixels (quality 90) in the ImageFolder layout,

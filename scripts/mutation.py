@@ -21,6 +21,7 @@ because mutmut forks its workers from a process that has imported torch and a fo
 from __future__ import annotations
 
 import argparse
+import collections
 import fnmatch
 import json
 import os
@@ -114,10 +115,7 @@ def mutate(package: str, workers: int, recheck: bool, root: Path, only: list[str
                      and (not only or any(fnmatch.fnmatch(name, pattern) for pattern in only))]
         if survivors:
             mutmut(folder, workers, survivors)
-    counts: dict[str, int] = {}
-    for status in verdicts(folder).values():
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    return collections.Counter(verdicts(folder).values())
 
 
 def main() -> int:
