@@ -4,13 +4,16 @@
     python train.py optimizer=sam dataset=cifar10 trainer.epochs=100
     python train.py -m optimizer=sgd,sam,fsam trainer.seed=1,2,3 # one run folder per combination
     python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu optimizer=sgd,fsam
+    python train.py -m optimizer=sgd,sam,fsam trainer.seed=1,2,3 --dry-run  # each job's folder and state; trains nothing
 
 Each run lives in runs/<setting>/seed<seed>/ (FSAM_RUNS replaces runs/), where <setting> is named by what the run
 computes (fsam/runfolder.py): the same settings find the same folder however they are typed, so relaunching
 continues an unfinished run and skips a finished one, and a changed setting trains anew in its own folder. One
 process holds a run folder at a time; a second launch is refused. A problem the user can fix (a bad value, an
 unknown option, missing data, a diverged run, a folder in use) prints ``error: <message>`` on one line and exits
-with status 2; anything else is a bug and keeps its traceback. SIGTERM, SIGUSR1, SIGUSR2 (a preempted or timed-out
+with status 2; anything else is a bug and keeps its traceback. A sweep checks every job before the first starts,
+reports how each job ended as it does (hydra_plugins/fsam_launchers), and exits with status 2 unless every job
+finished or was skipped as finished. SIGTERM, SIGUSR1, SIGUSR2 (a preempted or timed-out
 SLURM job) and Ctrl-C checkpoint the run at the next step and exit with 128 + the signal's number.
 """
 
@@ -37,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins import fsam_launchers
+from hydra_plugins.fsam_launchers.jobs import JobOutcome, check_method_choice, first_line, outcome_of_error
 from fsam.config import RunConfig, load_config, run_folder
 from fsam.errors import ConfigError, FsamError, Interrupted
 from fsam.runfolder import RunFolder, runs_root
@@ -45,45 +49,48 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "dataset", "optimizer", "schedule", "logger", "experiment")
 
 
-# Jobs of this process that stopped with a user error; main() exits with status 2 if there are any.
-FAILED_JOBS: list[str] = []
+# Whether a single run stopped with a user error (already reported): main() then exits with status 2.
+FAILED = False
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def train(cfg: DictConfig) -> float | None:
-    """One job; returns its best validation top-1 (the objective of ``hydra/sweeper=optuna``), or None without
-    a validation split."""
+def train(cfg: DictConfig) -> JobOutcome:
+    """One job; returns how it ended (finished or skipped), with its best validation top-1 as the objective that
+    ``hydra/sweeper=optuna`` maximises. A job that cannot finish raises: in a sweep, the launcher reports it and
+    goes on with the other jobs (fsam_launchers)."""
     # A submitit job unpickles this function in a fresh process, importing the modules it names; naming
     # run_folder here registers the folder-name resolver there before Hydra resolves the job's folder.
+    global FAILED
     run_folder.register_resolver()
-    started, outcome = time.monotonic(), "failed"
+    started, outcome, message = time.monotonic(), "failed", ""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if plain.get("run_dir") is None:
+        plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        if plain.get("run_dir") is None:
-            plain["run_dir"] = HydraConfig.get().runtime.output_dir  # the folder Hydra resolved from the setting
+        hydra_config = HydraConfig.get()
+        check_method_choice(list(hydra_config.overrides.task), plain, hydra_config.runtime.config_sources)
         config = load_config(plain)
         check_tuning(config)
         from fsam.engine import run  # only now: a bad value is refused before torch loads (seconds sooner)
 
         outcome = "skipped" if RunFolder(config.run_dir).finished_summary() is not None else "finished"
-        return run(config).get("best_val_top1")
-    except Interrupted:
-        raise  # a stop signal ends the whole sweep, not only this job
+        summary = run(config)
+        return JobOutcome(outcome, config.run_dir, summary.get("best_val_top1"))
+    except Interrupted as stop:
+        outcome, message = "stopped", str(stop)
+        raise
     except FsamError as error:
-        outcome = "failed"
-        hydra_config = HydraConfig.get()
-        sweep = hydra_config.mode == RunMode.MULTIRUN
-        if sweep and hydra_config.runtime.choices.get("hydra/launcher") not in ("inprocess", "basic"):
-            raise  # a job in another process (submitit) must fail there, where its log is
-        if hydra_config.runtime.choices.get("hydra/sweeper") == "optuna":
-            raise  # a search cannot go on without this trial's value
-        # A sweep in this process goes on with its other jobs, so the message names the job.
-        job = hydra_config.job.override_dirname or "(no overrides)"
-        report(f"job {job}: {error}" if sweep else str(error))
-        FAILED_JOBS.append(job)
+        outcome, message = outcome_of_error(error), one_line(error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher reports it with the job's name and goes on with the other jobs
+        report(message)  # a single run: one line (Hydra would add its own before re-raising)
+        FAILED = True
+        return JobOutcome(outcome, str(plain["run_dir"]))
+    except Exception as error:
+        message = first_line(error)
+        raise
     finally:
-        fsam_launchers.job_ended(outcome, time.monotonic() - started)
-    return None
+        fsam_launchers.job_ended(outcome, time.monotonic() - started, message)
 
 
 def check_tuning(config: RunConfig) -> None:
@@ -158,7 +165,8 @@ def check_group_option(override: Override, config_dirs: list[Path]) -> None:
         values = list(override.sweep_string_iterator())
     else:
         values = [override.get_value_element_as_str()]
-    options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")})
+    options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")
+                      if not path.stem.startswith("_")})  # _common.yaml: what a group's options share
     for value in values:
         if value not in options and value != "null":
             raise ConfigError(
@@ -210,13 +218,32 @@ def report(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def dry_run(arguments: list[str]) -> list[str]:
+    """The arguments that preview a command's jobs instead of running them: the same overrides, in multirun mode
+    (so a sweep is expanded by Hydra's own sweeper), with the preview launcher in place of any other."""
+    kept = [argument for argument in arguments
+            if argument != "--dry-run" and not argument.startswith(("hydra/launcher=", "hydra.launcher."))]
+    launcher = {key: int(value) for key, value in (argument.split("=", 1) for argument in arguments
+                if argument.startswith(("hydra.launcher.tasks_per_node=", "hydra.launcher.nodes=")))
+                if value.isdigit()}
+    processes = launcher.get("hydra.launcher.tasks_per_node", 1) * launcher.get("hydra.launcher.nodes", 1)
+    mode = [] if {"-m", "--multirun"} & set(kept) else ["-m"]
+    return [*mode, *kept, "hydra/launcher=preview", f"hydra.launcher.processes={processes}"]
+
+
 def main() -> int:
     # Hydra prints its own errors and exits with status 1 unless HYDRA_FULL_ERROR is set; with it set, they reach
     # the handler below, like the engine's.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    scratch = None
     try:
+        if "--dry-run" in sys.argv[1:]:
+            # Hydra's sweeper writes multirun.yaml into the sweep folder: a preview's goes to a scratch folder.
+            scratch = tempfile.mkdtemp(prefix="fsam-dry-run-")
+            sys.argv[1:] = [*dry_run(sys.argv[1:]), f"hydra.sweep.dir={scratch}"]
         check_arguments(sys.argv[1:])
-        check_output_root()
+        if scratch is None:
+            check_output_root()
         check_launcher(sys.argv[1:])
         train()
     except Interrupted as stop:
@@ -229,7 +256,20 @@ def main() -> int:
     except (FsamError, HydraException, OmegaConfBaseException) as error:
         report(one_line(error))
         return 2
-    return 2 if FAILED_JOBS else 0
+    except ValueError as error:
+        if not fsam_launchers.UNFINISHED or "No trials are completed yet" not in str(error):
+            raise
+        # Optuna has no best trial to report when none finished; each was reported as it ended.
+        report(f"no trial of this search finished: {'; '.join(fsam_launchers.UNFINISHED)}")
+        return 2
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if fsam_launchers.UNFINISHED:  # a search that went on past trials that did not finish
+        report(f"{len(fsam_launchers.UNFINISHED)} trials of this search did not finish: "
+               + "; ".join(fsam_launchers.UNFINISHED))
+        return 2
+    return 2 if FAILED else 0
 
 
 if __name__ == "__main__":

@@ -37,3 +37,7 @@ class Interrupted(FsamError):
         super().__init__(message)
         self.signum = signum
         self.exit_status = 128 + signum
+
+    def __reduce__(self) -> tuple:
+        # A sweep's job sends its exception back to the launching process (submitit pickles it).
+        return type(self), (str(self), self.signum)

@@ -5,7 +5,37 @@ second, not the several seconds torch takes to load. Each package that implement
 (``fsam.optim.METHODS``, ...); ``tests/test_models.py`` checks that ``MODEL_NAMES`` matches the model factory.
 """
 
-METHODS = ("sgd", "sam", "asam", "fsam", "fasam")
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: what the config, the factory, the run identity and the reports know of it.
+
+    ``reads``: the ``optimizer.*`` keys it reads beyond its base optimizer's (the others cannot change what it
+    computes, so they stay out of its run identity). ``rho``: the radius a config that leaves ``optimizer.rho``
+    null gets, so ``optimizer=sam`` and ``optimizer.name=sam`` are one setting whatever the other group files say.
+    """
+
+    name: str
+    label: str
+    reads: tuple[str, ...]
+    rho: float | None
+    adaptive: bool = False
+
+
+# rho: SAM 0.1 (the middle of the 0.05-0.2 used on CIFAR), F-SAM 0.2 (the authors' released recipe), ASAM and
+# F-ASAM 1.0 (ASAM's radius is on another scale: 0.5-2.0).
+METHOD_REGISTRY = {method.name: method for method in (
+    Method("sgd", "SGD", (), None),
+    Method("sam", "SAM", ("rho", "perturbation", "full_grad_every"), 0.1),
+    Method("asam", "ASAM", ("rho", "eta"), 1.0, adaptive=True),
+    Method("fsam", "F-SAM", ("rho", "sigma", "lmbda", "ema_order"), 0.2),
+    Method("fasam", "F-ASAM", ("rho", "sigma", "lmbda", "ema_order", "eta"), 1.0, adaptive=True),
+)}
+METHODS = tuple(METHOD_REGISTRY)
 # SAM's ascent direction for the paper's Figure-1 analysis: the minibatch gradient g (ordinary SAM), the full-batch
 # gradient alone, or the part of g orthogonal to it (docs/algorithm.md, "The perturbation's two parts").
 PERTURBATIONS = ("minibatch", "full", "noise")

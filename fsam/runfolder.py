@@ -100,6 +100,10 @@ class RunFolderError(FsamError):
     """The run folder cannot be used: held by another process, deleted mid-run, unwritable, another setting."""
 
 
+class RunHeldError(RunFolderError):
+    """Another process trains this run now (a second writer is refused, touching nothing)."""
+
+
 # ------------------------------------------------------------------------------------------------- identity
 
 
@@ -195,9 +199,11 @@ def unused_keys(plain: Mapping[str, Any], processes: int = 1) -> list[str]:
         unused += ["dataset.noise.ratio", "dataset.noise.seed"]
     if not dataset.get("val_split"):
         unused.append("dataset.val_seed")
-    if not dataset["augment"]["crop"]:
+    if dataset["name"] == "imagenet":
+        unused.append("dataset.augment")  # ImageNet takes timm's standard transforms, not these switches
+    elif not dataset["augment"]["crop"]:
         unused.append("dataset.augment.padding")
-    if not dataset["augment"]["cutout"]:
+    if dataset["name"] != "imagenet" and not dataset["augment"]["cutout"]:
         unused += ["dataset.augment.cutout_size", "dataset.augment.cutout_prob"]
     if processes == 1:
         unused.append("trainer.sync_clean_pass")  # DDP only
@@ -410,7 +416,7 @@ class RunLock:
         except OSError as error:
             os.close(descriptor)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(self._held_message()) from None
+                raise RunHeldError(self._held_message()) from None
             raise RunFolderError(
                 f"cannot lock {self.path} ({error.strerror}): this file system has no flock; put the runs on one "
                 "that has (FSAM_RUNS=...), e.g. local disk or NFS/Lustre mounted with flock"
@@ -651,7 +657,7 @@ def identity_record(config: RunConfig, processes: int, model: Mapping[str, Any] 
 
 
 __all__ = [
-    "FREE_KEYS", "IDENTITY_VERSION", "RunFolder", "RunFolderError", "RunLock", "default_run_dir", "differences",
+    "FREE_KEYS", "IDENTITY_VERSION", "RunFolder", "RunFolderError", "RunHeldError", "RunLock", "default_run_dir", "differences",
     "digest", "identity_record", "model_kwargs", "processes_from_environment", "read_json", "read_metrics",
     "run_key", "setting", "setting_name", "write_atomic", "write_json_atomic",
 ]

@@ -61,12 +61,10 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
              "dataset.noise.ratio=0.2,0.4"],
         ],
     ),
-    # optimizer.name, not the optimizer group: the experiment file sets optimizer.name itself, which overrides a
-    # group chosen on the command line (optimizer=sgd,sam,fsam trained F-SAM three times).
     "cifar100_resnet18": (
         "the release's CIFAR-100 ResNet-18 recipe (experiment=paper_cifar100_resnet18) for SGD, SAM and F-SAM, "
         "all with its rho 0.2",
-        [["experiment=paper_cifar100_resnet18", "optimizer.name=sgd,sam,fsam"]],
+        [["experiment=paper_cifar100_resnet18", "optimizer=sgd,sam,fsam"]],
     ),
     "cifar10": (
         "CIFAR-10: ResNet-18, WRN-28-10, PyramidNet-110 and VGG16-BN (the release's networks and initialisation) "

@@ -7,6 +7,7 @@ The faults are the ones a cluster or a bad hyperparameter produces, made to happ
 - ``out_of_memory``: the 2nd training step raises torch's out-of-memory error.
 - ``no_wandb``: the wandb package cannot be imported.
 - ``disk_full``: the 2nd checkpoint write runs out of space halfway (ENOSPC), as on a full disk.
+- ``stop_at``: the 3rd training step sends this process SIGTERM, as a scheduler preempting a job does.
 - ``read_only``: from the 5th training step on, files under $FSAM_RUNS cannot be opened for writing (EROFS), as
   when a file system is remounted read-only (the tests run as root, for whom chmod does not stop writes).
 """
@@ -86,6 +87,22 @@ def _read_only_from(step: int) -> None:
     loop.train_step = counting_step
 
 
+def _terminate_at(step: int) -> None:
+    import signal
+
+    import fsam.engine.loop as loop
+
+    real, count = loop.train_step, [0]
+
+    def stepping(*args, **kwargs):
+        count[0] += 1
+        if count[0] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    loop.train_step = stepping
+
+
 def main() -> int:
     fault, arguments = sys.argv[1], sys.argv[2:]
     if fault == "nan_loss":
@@ -98,6 +115,8 @@ def main() -> int:
         _disk_full_at(2)
     elif fault == "read_only":
         _read_only_from(5)
+    elif fault == "stop_at":
+        _terminate_at(3)
     elif fault == "no_wandb":
         sys.modules["wandb"] = None  # import wandb raises ImportError
     else:

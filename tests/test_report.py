@@ -150,7 +150,7 @@ def test_the_per_setting_table_is_the_one_written_by_hand(generated):
     assert by_setting[("sam", 0.1)][best] == "— (n=0; 1 unfinished; 1 running) †"
     # only the hyperparameters a method reads: SGD has no rho, sigma or lambda; SAM no sigma or lambda
     assert by_setting[("sgd", 0.1)]["rho"] == "" and by_setting[("sam", 0.1)]["lmbda"] == ""
-    assert by_setting[("fsam", 0.1)]["lmbda"] == 0.6 and by_setting[("sam", 0.1)]["rho"] == 0.2
+    assert by_setting[("fsam", 0.1)]["lmbda"] == 0.6 and by_setting[("sam", 0.1)]["rho"] == 0.1  # SAM's own radius
 
 
 def test_the_paper_layout_shows_every_setting_or_says_which_it_chose(generated):

@@ -436,7 +436,7 @@ def test_a_changed_value_in_a_config_file_is_a_new_run_and_never_resumes_the_old
     configs = tmp_path / "my_configs" / "optimizer"
     configs.mkdir(parents=True)
     option = configs / "mine.yaml"
-    option.write_text((REPO / "configs" / "optimizer" / "fsam.yaml").read_text())
+    option.write_text((REPO / "configs" / "optimizer" / "_common.yaml").read_text() + "name: fsam\n")
     runs = tmp_path / "runs"
     env = {**os.environ, "FSAM_RUNS": str(runs)}
 

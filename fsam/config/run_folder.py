@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 RESOLVER = "fsam_run_folder"
+NOT_KNOWN_HERE = "(the run folder follows from the job's config: add --dry-run to the command to see it)"
 
 
 def run_folder(how: str = "", *, _root_: Any) -> str:
@@ -25,6 +26,8 @@ def run_folder(how: str = "", *, _root_: Any) -> str:
     from fsam.runfolder import default_run_dir
 
     keys = [key for key in _root_ if key != "hydra"]
+    if not keys:  # `--cfg hydra` prints Hydra's settings without the job's: its folder cannot be known there
+        return NOT_KNOWN_HERE
     config = OmegaConf.to_container(OmegaConf.masked_copy(_root_, keys), resolve=True)
     if config.get("run_dir") is None:
         folder = default_run_dir(config)

@@ -132,7 +132,9 @@ class OptimizerConfig:
     """The method and its base optimizer (see :func:`fsam.optim.create_optimizer`).
 
     ``rho``, ``sigma``, ``lmbda``, ``eta`` and ``ema_order`` are present for every method and used only by the
-    methods that have them (``sgd`` ignores all five).
+    methods that have them (``sgd`` ignores all five). ``rho`` null is the method's own radius
+    (:data:`fsam.names.METHOD_REGISTRY`: SAM 0.1, F-SAM 0.2, ASAM and F-ASAM 1.0), filled in when the config is
+    checked, so every way of choosing a method gives it the same radius.
 
     ``perturbation`` (``sam`` only; the paper's Figure-1 analysis): ``minibatch`` is SAM; ``full`` perturbs along
     the full-batch gradient, ``noise`` along the minibatch gradient's part orthogonal to it. The full gradient is
@@ -148,7 +150,7 @@ class OptimizerConfig:
     nesterov: bool = False
     weight_decay: float = setting(1e-3, at_least(0.0))
     betas: tuple[float, float] = setting((0.9, 0.999), each(within(0.0, 1.0, include_high=False)))
-    rho: float = setting(0.2, greater_than(0.0))
+    rho: Optional[float] = setting(None, greater_than(0.0))
     sigma: float = setting(1.0, at_least(0.0))
     lmbda: float = setting(0.6, within(0.0, 1.0, include_high=False))
     eta: float = setting(0.0, at_least(0.0))

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from fsam.config.schema import RunConfig
 from fsam.errors import ConfigError
-from fsam.names import MODEL_NAMES, TIMM_PREFIX
+from fsam.names import METHOD_REGISTRY, MODEL_NAMES, TIMM_PREFIX
 
 T = TypeVar("T")
 
@@ -25,9 +25,17 @@ def load_config(config: Mapping[str, Any] | RunConfig) -> RunConfig:
     """A checked :class:`RunConfig` from a nested mapping; missing keys take the schema's defaults."""
     if isinstance(config, RunConfig):
         return config
-    run = _build(RunConfig, config, "")
+    run = _with_method_defaults(_build(RunConfig, config, ""))
     _check_across_keys(run)
     return run
+
+
+def _with_method_defaults(run: RunConfig) -> RunConfig:
+    """``optimizer.rho`` null becomes the method's own radius (SGD has none and keeps null)."""
+    if run.optimizer.rho is not None:
+        return run
+    optimizer = dataclasses.replace(run.optimizer, rho=METHOD_REGISTRY[run.optimizer.name].rho)
+    return dataclasses.replace(run, optimizer=optimizer)
 
 
 def to_plain(config: Any) -> Any:

@@ -126,10 +126,10 @@ def _hold(folder: RunFolder, info: distributed.DistInfo) -> None:
         try:
             folder.hold()
         except RunFolderError as error:
-            refusal = str(error)
+            refusal = error
     refusal = distributed.broadcast_object(refusal)
     if refusal is not None:
-        raise RunFolderError(refusal)
+        raise refusal  # its type too: a sweep reports a folder in use (RunHeldError) as refused, not failed
 
 
 def _start(

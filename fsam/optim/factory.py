@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from fsam.errors import ConfigError
-from fsam.names import BASE_OPTIMIZERS, METHODS, PERTURBATIONS
+from fsam.names import BASE_OPTIMIZERS, METHOD_REGISTRY, METHODS, PERTURBATIONS
 from fsam.optim.sam import FSAM, SAM
-
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -33,7 +32,7 @@ def create_optimizer(
     nesterov: bool = False,
     weight_decay: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
-    rho: float = 0.2,
+    rho: float | None = None,
     sigma: float = 1.0,
     lmbda: float = 0.6,
     eta: float = 0.0,
@@ -50,7 +49,9 @@ def create_optimizer(
         base: "sgd" (momentum, coupled weight decay) or "adamw" (decoupled weight decay).
         lr, momentum, nesterov, weight_decay, betas: the base optimizer's settings (momentum and nesterov for
             SGD, betas for AdamW).
-        rho, sigma, lmbda, eta, ema_order: see :class:`SAM` and :class:`FSAM`.
+        rho: the perturbation radius; None is the method's own (:data:`fsam.names.METHOD_REGISTRY`: SAM 0.1,
+            F-SAM 0.2, ASAM and F-ASAM 1.0), as in the configs.
+        sigma, lmbda, eta, ema_order: see :class:`SAM` and :class:`FSAM`.
         perturbation: "sam" only: "minibatch" (SAM), "full" or "noise" (the Figure-1 analysis directions, see
             :class:`SAM`; the caller provides the full-batch gradient with ``set_full_gradient``).
         no_decay_norm_and_bias: put parameters with fewer than 2 dimensions in a group without weight decay
@@ -71,6 +72,8 @@ def create_optimizer(
             f"optimizer.perturbation={perturbation!r} is not allowed with optimizer.name={name!r}: the analysis "
             "directions belong to sam (use optimizer.name=sam, or perturbation=minibatch)"
         )
+    if rho is None:
+        rho = METHOD_REGISTRY[name].rho
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(model_or_params, weight_decay, no_decay_norm_and_bias)
     else:
