@@ -28,7 +28,7 @@ from fsam.errors import CheckpointError
 from fsam.models.factory import CIFAR_MODELS, TIMM_ALIASES
 from fsam.names import MODEL_DEFAULTS
 from fsam.runfolder import (
-    FREE_KEYS, RunFolder, RunFolderError, RunLock, default_run_dir, digest, setting, setting_name,
+    FREE_KEYS, RunFolder, RunFolderError, RunLock, default_run_dir, digest, setting, setting_name, write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -427,6 +427,29 @@ def test_a_summary_is_never_written_over_missing_records(tiny_config, monkeypatc
     with pytest.raises(RunFolderError, match=r"holds epochs \[1\] where 2 were trained"):
         run(config)
     assert not (Path(config["run_dir"]) / "summary.json").exists()
+
+
+def test_a_record_write_that_fails_reports_its_own_error_even_where_its_temporary_cannot_be_deleted(tmp_path,
+                                                                                                      monkeypatch):
+    """ext4 with errors=remount-ro: the write fails (disk full), and the file system, now read-only, refuses to
+    delete the temporary file as well; the error to report is the write's."""
+    import errno
+
+    target = tmp_path / "summary.json"
+    target.write_text("the old record\n")
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OSError) as error:
+        write_json_atomic(target, {"status": "finished"})
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_text() == "the old record\n"
 
 
 # ------------------------------------------------------------------------------------ through train.py
