@@ -108,6 +108,23 @@ def float_pixels(folder: Path) -> np.ndarray:
     return batch[b"data"].astype(np.float32) / 255.0
 
 
+PLANTED_MARKER = "the planted code ran"  # beside the data folder and the runs folder
+
+
+class PlantedCode:
+    """Unpickles to a shell command that creates PLANTED_MARKER beside ``folder``, as a planted data file could."""
+
+    def __init__(self, folder: Path) -> None:
+        self.marker = folder.parent / PLANTED_MARKER
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def planted_code_never_ran(runs: Path) -> None:
+    assert not (runs.parent / PLANTED_MARKER).exists()
+
+
 def text_file_as_weights(tmp_path: Path, tiny_cli: list[str]) -> list[str]:
     (tmp_path / "weights.pth").write_text("these are not weights\n")
     return [*tiny_cli, f"model.pretrained_path={tmp_path / 'weights.pth'}"]
@@ -247,6 +264,11 @@ CASES = {
     ),
     "float labels in a CIFAR batch": Case(
         cifar_folder(planted("data_batch_1", labels=[2.7] * 16)), "holds the label 2.7 in 'labels'"
+    ),
+    "code planted in a CIFAR batch": Case(
+        cifar_folder(planted("data_batch_1", data=PlantedCode)),
+        "is not a readable CIFAR-10 batch (it names posix.system, which no CIFAR batch does",
+        check=planted_code_never_ran,
     ),
     "empty test split": Case(
         cifar_folder(planted("test_batch", data=np.zeros((0, 3072), np.uint8), labels=[])), "holds no test images"
