@@ -12,6 +12,8 @@ The faults are the ones a cluster or a bad hyperparameter produces, made to happ
   :class:`ReadOnlyFileSystem`.
 - ``read_only_mount``: after the 5th training step, $FSAM_RUNS really becomes a read-only bind mount (the process
   must run in a mount namespace of its own, ``unshare --mount``, with the right to mount).
+- ``folder_replaced``: after the 2nd training step, the run folder is renamed to ``<folder>.old`` and another launch
+  creates a new folder at its path and takes the new folder's lock (it keeps holding it).
 """
 
 from __future__ import annotations
@@ -159,6 +161,27 @@ def _read_only_mount_after(steps: int) -> None:
     loop.train_step = counting_step
 
 
+def _folder_replaced_after(steps: int) -> None:
+    import fsam.engine.loop as loop
+    from fsam.runfolder import RunLock
+
+    real_step, count, new_holders = loop.train_step, [0], []
+
+    def counting_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        count[0] += 1
+        if count[0] == steps:
+            (lock,) = Path(os.environ["FSAM_RUNS"]).rglob(".lock")
+            folder = lock.parent
+            folder.rename(folder.with_name(folder.name + ".old"))
+            folder.mkdir()
+            new_holders.append(RunLock(folder))
+            new_holders[-1].acquire()
+        return out
+
+    loop.train_step = counting_step
+
+
 def main() -> int:
     fault, arguments = sys.argv[1], sys.argv[2:]
     if fault == "nan_loss":
@@ -173,6 +196,8 @@ def main() -> int:
         ReadOnlyFileSystem(os.environ["FSAM_RUNS"], after_steps=5).install()
     elif fault == "read_only_mount":
         _read_only_mount_after(5)
+    elif fault == "folder_replaced":
+        _folder_replaced_after(2)
     elif fault == "no_wandb":
         sys.modules["wandb"] = None  # import wandb raises ImportError
     else:

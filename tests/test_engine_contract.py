@@ -13,6 +13,8 @@ import math
 import os
 import signal
 import dataclasses
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -537,6 +539,31 @@ def test_a_folder_held_by_another_process_is_refused(small):
     finally:
         holder.release()
     run(config)  # released by the run that was refused as well
+
+
+def another_process_can_lock(lock: Path) -> bool:
+    """Whether a second process gets an exclusive flock on ``lock`` now (it lets go at once)."""
+    probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; descriptor = os.open(sys.argv[1], os.O_RDWR); "
+                            "fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_the_lock_is_held_while_summary_json_is_written_so_no_second_writer_fits_in_before_it(small, monkeypatch):
+    import fsam.runfolder as runfolder
+
+    config = small()
+    lock = Path(config["run_dir"]) / ".lock"
+    real, lockable_at_summary = runfolder.write_json_atomic, []
+
+    def observed(path, record):
+        if Path(path).name == "summary.json":
+            lockable_at_summary.append(another_process_can_lock(lock))
+        real(path, record)
+
+    monkeypatch.setattr(runfolder, "write_json_atomic", observed)
+    run(config)
+    assert lockable_at_summary == [False]
+    assert another_process_can_lock(lock)  # and given up once the run returns
 
 
 # The writes of a run, each made the first to hit a file system turned read-only: (training steps before it, the

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsam.config import RunConfig, load_config
 from fsam.engine import run
@@ -415,6 +416,27 @@ def test_a_folder_deleted_mid_run_is_not_recreated_and_never_looks_finished(cifa
     assert relaunched.returncode == 0, relaunched.stderr
     assert "training" in relaunched.stdout and "resuming" not in relaunched.stdout  # starts clean
     assert [row["epoch"] for row in rows_of(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_folder_replaced_mid_run_by_another_launch_is_noticed_and_never_written(tmp_path, tiny_cli):
+    """Renamed away and made anew, with a new .lock another launch holds: the folder exists at its path all along,
+    and only its identity tells the holder it is not the one it locked."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "inject.py"), "folder_replaced", *tiny_cli,
+         "trainer.checkpoint_every_steps=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "FSAM_RUNS": str(runs)},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    (old,) = runs.rglob("seed1.old")
+    new = old.with_name("seed1")
+    assert lines == [f"error: the run folder {new} was deleted or replaced while this run trained: nothing more is "
+                     "written there; relaunch the same command to start the run over"], result.stderr
+    assert sorted(path.name for path in new.iterdir()) == [".lock"]  # the other launch's folder is untouched
+    # The replacement came after step 2, before its checkpoint: that checkpoint was the write that noticed.
+    assert torch.load(old / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 1
+    assert not list(runs.rglob("summary.json"))
 
 
 def test_a_summary_is_never_written_over_missing_records(tiny_config, monkeypatch):
