@@ -318,7 +318,7 @@ def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        remove_temporary(temporary)
         raise
     sync_folder(path.parent)
 
@@ -326,6 +326,16 @@ def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
 def private_temporary(path: Path) -> Path:
     """A temporary name beside ``path`` that no other writer uses (process id and a random part)."""
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def remove_temporary(path: Path) -> None:
+    """Delete the temporary file of a write that failed. Where the deletion fails too (a read-only file system
+    refuses to delete even a file that is not there) the file stays: its hidden, private name is never read as a
+    record, and the error of the write is the one to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_json_atomic(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
@@ -370,6 +380,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def kept_checkpoints(folder: Path) -> str:
+    """What a relaunch continues from after a failed write, for its message: the checkpoints in ``folder``."""
+    kept = [name for name in ("last.pt", "last.prev.pt") if (folder / name).exists()]
+    return f"the checkpoints {', '.join(kept)} are kept" if kept else "no checkpoint was written yet"
 
 
 def write_error(path: Path, error: OSError, kept: str) -> RunFolderError:
@@ -601,7 +617,7 @@ class RunFolder:
         try:
             write()
         except OSError as error:
-            raise write_error(path, error, "the last checkpoint is kept") from None
+            raise write_error(path, error, kept_checkpoints(self.checkpoints)) from None
 
 
 def _append_line(path: Path, record: Mapping[str, Any]) -> None:

@@ -12,6 +12,9 @@ folders are named by what they compute). Extra arguments after ``--`` go to ever
 are experiment files (configs/experiment/paper_*.yaml), one per table entry; ablations sweep values on one of them.
 The GPU-hours estimate uses only GPU step throughput measured by scripts/bench_train.py (results/benchmarks.md)
 and says "not measured" for everything else.
+
+Every cell is composed with the real configs before anything is listed or launched, so a bad value or key after
+``--`` (or a bad ``--seeds``) is one line, ``error: <what and how to fix it>``, and exit status 2, as train.py says it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fsam.errors import ConfigError, FsamError
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train.py's checks and messages, from the checkout whose train.py runs the sweeps
 
 CIFAR_MODELS = ("resnet18", "wrn28_10", "pyramidnet110", "vgg16_bn")
 NOISE_LEVELS = ("sym20", "sym40", "sym60", "sym80", "asym40")
@@ -131,9 +137,43 @@ BENCHMARKS = REPO / "results" / "benchmarks.md"
 
 
 def expand(block: list[str]) -> list[list[str]]:
-    """The single runs of a block: each ``key=a,b`` swept, in order."""
-    choices = [[f"{item.split('=', 1)[0]}={value}" for value in item.split("=", 1)[1].split(",")] for item in block]
+    """The single runs of a block, each sweep in order as Hydra's basic sweeper reads it: ``key=a,b`` and
+    ``key=range(1,4)`` are swept, a list ``key=[a,b]`` is one value. ConfigError for an argument that is not an
+    override (``--flag``, a word without ``=``) or a sweep that cannot be listed (``interval(0,1)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    choices = []
+    for item in block:
+        try:
+            override = parser.parse_override(item)
+            if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+                raise HydraException("a glob sweep, whose options only Hydra's config loader knows")
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else None
+        except HydraException as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(
+                f"{item!r} is not an override whose runs can be listed ({reason}): give key=value or a sweep "
+                "key=a,b, e.g. trainer.epochs=2"
+            ) from None
+        choices.append([item] if values is None else [f"{override.get_key_element()}={value}" for value in values])
     return [list(combination) for combination in itertools.product(*choices)]
+
+
+def grid_cells(blocks: list[list[str]], common: list[str]) -> list[list[str]]:
+    """The single runs of every block, each with the ``common`` overrides (the seeds, the arguments after --)."""
+    return [cell for block in blocks for cell in expand([*block, *common])]
+
+
+def compose_runs(cells: list[list[str]]) -> list[tuple[Path, dict]]:
+    """Each cell's run folder and config, its values checked (ConfigError for a bad one). Hydra's own overrides
+    (hydra.*) do not change a run's folder and are left out of the composition."""
+    from fsam.runfolder import default_run_dir
+
+    configs = compose_cells([[item for item in cell if not item.startswith("hydra")] for cell in cells])
+    return [(default_run_dir(config), config) for config in configs]
 
 
 def compose_cells(cells: list[list[str]]) -> list[dict]:
@@ -209,18 +249,12 @@ def state_of(folder: Path) -> str:
     return RunFolder(folder).state() if folder.exists() else "missing"
 
 
-def print_status(blocks: list[list[str]], common: list[str]) -> None:
+def print_status(cells: list[list[str]], composed: list[tuple[Path, dict]]) -> None:
     """A line per run (its state, folder and overrides), the count of each state, and the GPU-hours estimate.
-    Cells with equal settings (two grids sharing a run) are one run, listed once. Hydra's own overrides
-    (hydra.*) do not change a run's folder and are left out of the composition."""
-    cells = [cell for block in blocks for cell in expand([*block, *common])]
-    configs = compose_cells([[item for item in cell if not item.startswith("hydra")] for cell in cells])
-    from fsam.runfolder import default_run_dir
-
+    Cells with equal settings (two grids sharing a run) are one run, listed once."""
     runs: dict[Path, dict] = {}
     counts: dict[str, int] = {}
-    for cell, config in zip(cells, configs):
-        folder = default_run_dir(config)
+    for cell, (folder, config) in zip(cells, composed):
         if folder in runs:
             continue
         runs[folder] = config
@@ -244,6 +278,15 @@ def main() -> int:
     parser.add_argument("extra", nargs="*", help="after --: more overrides for every sweep")
     args = parser.parse_args()
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train import check_arguments, check_launcher, one_line, report
+
+    if args.seeds < 1:
+        report(f"--seeds {args.seeds} is not allowed: give how many seeds each setting trains, 1 or more "
+               "(--seeds N trains seeds 1 to N)")
+        return 2
     description, blocks = GRIDS[args.grid]
     seeds = ",".join(str(seed) for seed in range(1, args.seeds + 1))
     commands = [
@@ -251,8 +294,17 @@ def main() -> int:
         for block in blocks
     ]
     print(f"grid {args.grid}: {description}")
+    try:
+        cells = grid_cells(blocks, [f"trainer.seed={seeds}", *args.extra])
+        check_arguments(args.extra)  # an unknown key or option, in train.py's words
+        composed = compose_runs(cells)  # every cell, before anything is listed or launched
+        if not (args.dry_run or args.status):
+            check_launcher([f"hydra/launcher={args.launcher}"])
+    except (FsamError, HydraException, OmegaConfBaseException) as error:
+        report(one_line(error))
+        return 2
     if args.dry_run or args.status:
-        print_status(blocks, [f"trainer.seed={seeds}", *args.extra])
+        print_status(cells, composed)
         if args.dry_run:
             for command in commands:
                 print("would run: " + " ".join(command[1:]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -105,6 +106,23 @@ def float_pixels(folder: Path) -> np.ndarray:
 
         batch = pickle.load(file, encoding="bytes")
     return batch[b"data"].astype(np.float32) / 255.0
+
+
+PLANTED_MARKER = "the planted code ran"  # beside the data folder and the runs folder
+
+
+class PlantedCode:
+    """Unpickles to a shell command that creates PLANTED_MARKER beside ``folder``, as a planted data file could."""
+
+    def __init__(self, folder: Path) -> None:
+        self.marker = folder.parent / PLANTED_MARKER
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def planted_code_never_ran(runs: Path) -> None:
+    assert not (runs.parent / PLANTED_MARKER).exists()
 
 
 def text_file_as_weights(tmp_path: Path, tiny_cli: list[str]) -> list[str]:
@@ -247,6 +265,11 @@ CASES = {
     "float labels in a CIFAR batch": Case(
         cifar_folder(planted("data_batch_1", labels=[2.7] * 16)), "holds the label 2.7 in 'labels'"
     ),
+    "code planted in a CIFAR batch": Case(
+        cifar_folder(planted("data_batch_1", data=PlantedCode)),
+        "is not a readable CIFAR-10 batch (it names posix.system, which no CIFAR batch does",
+        check=planted_code_never_ran,
+    ),
     "empty test split": Case(
         cifar_folder(planted("test_batch", data=np.zeros((0, 3072), np.uint8), labels=[])), "holds no test images"
     ),
@@ -334,6 +357,39 @@ def test_bad_input_and_faults_give_one_clear_line_and_the_right_exit_status(name
         assert case.expected in output
     if case.check:
         case.check(isolated_records)
+
+
+def can_mount(folder: Path) -> bool:
+    """Whether this process may make ``folder`` a read-only bind mount in a mount namespace of its own."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"],
+        capture_output=True, timeout=60,
+    )
+    return probe.returncode == 0
+
+
+def test_a_runs_folder_really_remounted_read_only_mid_run_gives_the_same_line(tmp_path, tiny_cli, isolated_records):
+    """The ``read_only`` case above emulates a read-only file system; here it is one, so the emulation cannot
+    drift from what the kernel refuses (it did: a real one also refuses to delete the unwritten temporary file)."""
+    if not can_mount(tmp_path):
+        pytest.skip("needs unshare --mount and the right to mount (root or CAP_SYS_ADMIN)")
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, str(REPO / "tests" / "inject.py"),
+         "read_only_mount", *tiny_cli, "trainer.epochs=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    assert lines[-1].startswith("error: cannot write ") and lines[-1].endswith(
+        "(Read-only file system): the checkpoints last.pt are kept; make the file system writable, then relaunch "
+        "the same command to continue"), result.stderr
+    assert not list(isolated_records.rglob("summary.json"))
+    checkpoints_kept(isolated_records)
 
 
 def test_the_readme_troubleshooting_table_lists_every_case():

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import pickle
+import pickletools
 import random
 import socket
 import struct
@@ -543,7 +545,8 @@ def test_an_imagefolder_bundle_passes_the_process_the_workers_and_the_device_to_
 
 
 class _Python2Pickler(pickle._Pickler):
-    """Writes ``bytes`` as Python 2's ``str`` opcodes, as in the official CIFAR archives (pickled by Python 2)."""
+    """Writes a batch as the official CIFAR archives hold it (pickled by Python 2 under NumPy 1): ``bytes`` as
+    Python 2's ``str`` opcodes, and NumPy's array constructor under NumPy 1's module name."""
 
     def save_bytes(self, obj):
         if len(obj) < 256:
@@ -552,7 +555,27 @@ class _Python2Pickler(pickle._Pickler):
             self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
         self.memoize(obj)
 
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__module__", None) == "numpy._core.multiarray":
+            self.write(pickle.GLOBAL + f"numpy.core.multiarray\n{obj.__name__}\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
     dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def _globals_named(path: Path) -> set[str]:
+    """The globals a pickle file names (each one a function or class that unpickling looks up and may call)."""
+    names, strings = set(), []
+    for opcode, argument, _ in pickletools.genops(path.read_bytes()):
+        if opcode.name == "GLOBAL":
+            names.add(argument.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL":
+            names.add(".".join(strings[-2:]))
+        elif isinstance(argument, str):
+            strings.append(argument)
+    return names
 
 
 def _rewrite(path: Path, content: dict, python2: bool = False) -> None:
@@ -581,6 +604,7 @@ def test_batches_pickled_by_python_2_with_byte_string_pixels_are_read(tmp_path):
         batch = _batch(folder / name)
         assert max(bytes(np.asarray(batch[b"data"]).tobytes())) >= 128  # not ASCII: needs encoding="bytes"
         _rewrite(folder / name, batch, python2=True)
+        assert _globals_named(folder / name) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
     again = _read(tmp_path)
     assert np.array_equal(again.train_images, expected.train_images) and again.train_images.dtype == np.uint8
     assert np.array_equal(again.test_labels, expected.test_labels)
@@ -628,6 +652,38 @@ def test_an_empty_split_is_named_with_its_files(tmp_path):
     assert str(error.value) == (f"{folder} holds no training images (data_batch_1, data_batch_2, data_batch_3, "
                                 f"data_batch_4, data_batch_5: 0 examples): delete {folder} to extract it again from "
                                 "cifar-10-python.tar.gz")
+
+
+class _Planted:
+    """Unpickles to ``call(*arguments)``: what a planted batch would make a plain pickle.load run."""
+
+    def __init__(self, call, *arguments):
+        self.call, self.arguments = call, arguments
+
+    def __reduce__(self):
+        return self.call, self.arguments
+
+
+# Calls that would create the marker file if a batch were unpickled without a restriction, and the name the pickle
+# gives each (protocol 2 writes the builtins under Python 2's module name).
+PLANTED_CALLS = {
+    "posix.system": lambda marker: _Planted(os.system, f"touch '{marker}'"),
+    "io.open": lambda marker: _Planted(open, str(marker), "w"),
+    "__builtin__.eval": lambda marker: _Planted(eval, f"open({str(marker)!r}, 'w')"),
+}
+
+
+@pytest.mark.parametrize("planted", list(PLANTED_CALLS))
+def test_a_batch_that_would_run_code_is_refused_unread(tmp_path, planted):
+    folder = _cifar10(tmp_path)
+    marker = tmp_path / "the planted code ran"
+    _rewrite(folder / "data_batch_2", {**_batch(folder / "data_batch_2"), b"data": PLANTED_CALLS[planted](marker)})
+    with pytest.raises(DataError) as error:
+        _read(tmp_path)
+    assert str(error.value) == (f"{folder / 'data_batch_2'} is not a readable CIFAR-10 batch (it names {planted}, which "
+                                "no CIFAR batch does: not unpickled, as that would run it): delete "
+                                f"{folder} to extract it again from cifar-10-python.tar.gz")
+    assert not marker.exists()
 
 
 def test_a_batch_that_is_not_readable_is_named_with_the_reason(tmp_path):

@@ -13,6 +13,8 @@ import math
 import os
 import signal
 import dataclasses
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from torch.nn import functional as F
 
 import fsam.engine.loop as loop
 from conftest import merge, metrics_of, stop_at_call, without_times
+from inject import ReadOnlyFileSystem
 from fsam.config import ScheduleConfig, load_config
 from fsam.engine import distributed, preemption, run
 from fsam.engine.checkpoint import CheckpointStore, _as_tuples, _os_error_in, capture_rng, restore_rng
@@ -538,6 +541,69 @@ def test_a_folder_held_by_another_process_is_refused(small):
     run(config)  # released by the run that was refused as well
 
 
+def another_process_can_lock(lock: Path) -> bool:
+    """Whether a second process gets an exclusive flock on ``lock`` now (it lets go at once)."""
+    probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; descriptor = os.open(sys.argv[1], os.O_RDWR); "
+                            "fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_the_lock_is_held_while_summary_json_is_written_so_no_second_writer_fits_in_before_it(small, monkeypatch):
+    import fsam.runfolder as runfolder
+
+    config = small()
+    lock = Path(config["run_dir"]) / ".lock"
+    real, lockable_at_summary = runfolder.write_json_atomic, []
+
+    def observed(path, record):
+        if Path(path).name == "summary.json":
+            lockable_at_summary.append(another_process_can_lock(lock))
+        real(path, record)
+
+    monkeypatch.setattr(runfolder, "write_json_atomic", observed)
+    run(config)
+    assert lockable_at_summary == [False]
+    assert another_process_can_lock(lock)  # and given up once the run returns
+
+
+# The writes of a run, each made the first to hit a file system turned read-only: (training steps before it, the
+# file named, the checkpoints kept, the global step of last.pt then). Epochs of 3 steps, a checkpoint after each.
+READ_ONLY_AT = {
+    "config.yaml": (0, "config.yaml", "no checkpoint was written yet", None),
+    "launches.jsonl": (0, "launches.jsonl", "no checkpoint was written yet", None),
+    "last.pt": (2, "checkpoints/last.pt", "the checkpoints last.pt are kept", 1),
+    "best.pt": (0, "checkpoints/best.pt", "the checkpoints last.pt, last.prev.pt are kept", 2),
+    "metrics.jsonl": (1, "metrics.jsonl", "the checkpoints last.pt, last.prev.pt are kept", 3),
+    "summary.json": (0, "summary.json", "the checkpoints last.pt, last.prev.pt are kept", 6),
+}
+
+
+@pytest.mark.parametrize("write", list(READ_ONLY_AT))
+def test_a_folder_turning_read_only_at_any_write_stops_the_run_saying_which_checkpoints_are_kept(small, monkeypatch,
+                                                                                                  write):
+    after_steps, name, kept, last_step = READ_ONLY_AT[write]
+    config = small(trainer={"checkpoint_every_steps": 1})
+    run_dir = Path(config["run_dir"])
+    with monkeypatch.context() as patch:
+        ReadOnlyFileSystem(run_dir, name=write, after_steps=after_steps).install(patch.setattr)
+        with pytest.raises(RunFolderError) as error:
+            run(config)
+    assert str(error.value) == (f"cannot write {run_dir / name} (Read-only file system): {kept}; make the file "
+                                "system writable, then relaunch the same command to continue")
+    assert not (run_dir / "summary.json").exists()
+    if last_step is None:
+        assert not (run_dir / "checkpoints" / "last.pt").exists()
+    else:
+        assert checkpoint(run_dir)["global_step"] == last_step
+    if write == "best.pt":
+        assert not (run_dir / "checkpoints" / "best.pt").exists()  # never a best.pt ahead of or behind last.pt
+    run(config)  # writable again: the relaunch continues and finishes as if nothing had happened
+    reference = small(run_dir=str(run_dir.parent / "reference"))
+    run(reference)
+    assert without_times(metrics_of(run_dir)) == without_times(metrics_of(reference["run_dir"]))
+    assert checkpoint(run_dir, "best.pt")["epoch"] == checkpoint(reference["run_dir"], "best.pt")["epoch"]
+
+
 # ---------------------------------------------------------------------------------------- divergence, memory
 
 
@@ -998,7 +1064,7 @@ def test_a_temporary_file_that_could_not_be_opened_is_reported_like_any_failed_w
         store.save({"model": 1})
 
 
-def test_a_best_copy_that_fails_is_reported_and_last_is_already_new(tmp_path, monkeypatch):
+def test_a_best_copy_that_fails_is_reported_and_changes_no_checkpoint(tmp_path, monkeypatch):
     import errno
     import shutil
 
@@ -1012,9 +1078,10 @@ def test_a_best_copy_that_fails_is_reported_and_last_is_already_new(tmp_path, mo
     monkeypatch.setattr(shutil, "copyfile", fails)
     with pytest.raises(RunFolderError) as error:
         store.save({"model": 2}, best=True)
-    assert str(error.value).startswith(f"cannot write {store.last} (No space left on device): the checkpoints "
-                                       "last.pt, last.prev.pt are kept; free space")
-    assert store.load_latest() == {"model": 2}
+    assert str(error.value) == (f"cannot write {store.best} (No space left on device): the checkpoints last.pt are "
+                                "kept; free space on that disk, then relaunch the same command to continue")
+    assert store.load_latest() == {"model": 1}
+    assert sorted(path.name for path in store.folder.iterdir()) == ["last.pt"]  # no temporary left
 
 
 def test_a_store_in_a_deleted_run_folder_is_not_recreated(tmp_path):

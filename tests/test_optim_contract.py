@@ -49,6 +49,12 @@ def test_the_defaults_are_the_ones_documented():
      "lmbda=1.0 is not allowed: lmbda must be in [0, 1) (the EMA decay)"),
     (lambda: FSAM(params((2,)), torch.optim.SGD, lr=0.1, ema_order="later"), ValueError,
      "ema_order='later' is not allowed: ema_order must be 'code' or 'paper'"),
+    (lambda: FSAM(params((2,)), torch.optim.SGD, lr=0.1, perturbation="full"), ValueError,
+     "perturbation='full' is not allowed: FSAM perturbs along its own direction, g - sigma * EMA "
+     "(perturbation='minibatch'); the analysis directions 'full' and 'noise' belong to SAM"),
+    (lambda: FSAM(params((2,)), torch.optim.SGD, lr=0.1, perturbation="sideways"), ValueError,
+     "perturbation='sideways' is not allowed: FSAM perturbs along its own direction, g - sigma * EMA "
+     "(perturbation='minibatch'); the analysis directions 'full' and 'noise' belong to SAM"),
     (lambda: SAM(None, torch.optim.SGD, lr=0.1), ValueError,
      "params is required when base_optimizer is an optimizer class"),
     (lambda: SAM(None, torch.optim.SGD(params((2,)), lr=0.1), lr=0.2), ValueError,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fsam.runfolder import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,44 @@ def test_a_block_expands_to_every_combination_in_order():
     assert expand(["a=1", "b=x,y", "c=2,3"]) == [
         ["a=1", "b=x", "c=2"], ["a=1", "b=x", "c=3"], ["a=1", "b=y", "c=2"], ["a=1", "b=y", "c=3"]
     ]
+
+
+def test_a_list_value_is_one_value_and_a_range_is_swept_as_hydra_reads_them():
+    expand = reproduce_module().expand
+    assert expand(["optimizer.betas=[0.8,0.9]", "trainer.epochs=range(1,3)"]) == [
+        ["optimizer.betas=[0.8,0.9]", "trainer.epochs=1"], ["optimizer.betas=[0.8,0.9]", "trainer.epochs=2"]
+    ]
+
+
+# (arguments, what the one line says); each is refused before anything is listed or launched.
+BAD_ARGUMENTS = {
+    "a value the schema refuses": (["--dry-run", "--", "optimizer.lr=-1"], "optimizer.lr=-1.0 is not allowed: must be > 0"),
+    "an unknown key": (["--status", "--", "nosuchkey=1"], "nosuchkey is not a known key: the keys under the top level"),
+    "a misspelt key": (["--dry-run", "--", "optimizer.lambda=0.5"], "optimizer.lambda is not a known key (did you mean "
+                                                                    "lmbda?)"),
+    "an unknown option": (["--dry-run", "--", "optimizer=adam"], "optimizer=adam is not an option of optimizer"),
+    "no seeds": (["--dry-run", "--seeds", "0"], "--seeds 0 is not allowed: give how many seeds each setting trains"),
+    "a flag after --": (["--dry-run", "--", "--epochs=2"], "'--epochs=2' is not an override whose runs can be listed"),
+    "a sweep that cannot be listed": (["--status", "--", "optimizer.lr=interval(0.1,1)"],
+                                      "'optimizer.lr=interval(0.1,1)' is not an override whose runs can be listed"),
+    "a bad value when launching": (["--", "trainer.epochs=0"], "trainer.epochs=0 is not allowed: must be >= 1"),
+    "SLURM off a cluster": (["--launcher", "slurm"], "hydra/launcher=slurm needs SLURM (srun and sbatch on PATH)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_a_bad_argument_is_one_line_and_status_2_before_anything_is_listed_or_launched(case, tmp_path,
+                                                                                      isolated_records):
+    arguments, expected = BAD_ARGUMENTS[case]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "reproduce.py"), "--grid", "digits", *arguments], cwd=REPO,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": f"{tmp_path}/no-slurm:/usr/bin:/bin"},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "running:" not in result.stdout and "would run:" not in result.stdout and "cells:" not in result.stdout
+    assert not isolated_records.exists() or not any(isolated_records.iterdir())  # nothing was launched
 
 
 def test_the_dry_run_lists_the_sweeps_and_the_status_counts_each_state(isolated_records):

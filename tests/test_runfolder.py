@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsam.config import RunConfig, load_config
 from fsam.engine import run
@@ -28,7 +29,7 @@ from fsam.errors import CheckpointError
 from fsam.models.factory import CIFAR_MODELS, TIMM_ALIASES
 from fsam.names import MODEL_DEFAULTS
 from fsam.runfolder import (
-    FREE_KEYS, RunFolder, RunFolderError, RunLock, default_run_dir, digest, setting, setting_name,
+    FREE_KEYS, RunFolder, RunFolderError, RunLock, default_run_dir, digest, setting, setting_name, write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,6 +418,27 @@ def test_a_folder_deleted_mid_run_is_not_recreated_and_never_looks_finished(cifa
     assert [row["epoch"] for row in rows_of(run_dir)] == [1, 2, 3, 4]
 
 
+def test_a_folder_replaced_mid_run_by_another_launch_is_noticed_and_never_written(tmp_path, tiny_cli):
+    """Renamed away and made anew, with a new .lock another launch holds: the folder exists at its path all along,
+    and only its identity tells the holder it is not the one it locked."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "inject.py"), "folder_replaced", *tiny_cli,
+         "trainer.checkpoint_every_steps=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "FSAM_RUNS": str(runs)},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    (old,) = runs.rglob("seed1.old")
+    new = old.with_name("seed1")
+    assert lines == [f"error: the run folder {new} was deleted or replaced while this run trained: nothing more is "
+                     "written there; relaunch the same command to start the run over"], result.stderr
+    assert sorted(path.name for path in new.iterdir()) == [".lock"]  # the other launch's folder is untouched
+    # The replacement came after step 2, before its checkpoint: that checkpoint was the write that noticed.
+    assert torch.load(old / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 1
+    assert not list(runs.rglob("summary.json"))
+
+
 def test_a_summary_is_never_written_over_missing_records(tiny_config, monkeypatch):
     import fsam.runfolder as runfolder
 
@@ -427,6 +449,29 @@ def test_a_summary_is_never_written_over_missing_records(tiny_config, monkeypatc
     with pytest.raises(RunFolderError, match=r"holds epochs \[1\] where 2 were trained"):
         run(config)
     assert not (Path(config["run_dir"]) / "summary.json").exists()
+
+
+def test_a_record_write_that_fails_reports_its_own_error_even_where_its_temporary_cannot_be_deleted(tmp_path,
+                                                                                                      monkeypatch):
+    """ext4 with errors=remount-ro: the write fails (disk full), and the file system, now read-only, refuses to
+    delete the temporary file as well; the error to report is the write's."""
+    import errno
+
+    target = tmp_path / "summary.json"
+    target.write_text("the old record\n")
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OSError) as error:
+        write_json_atomic(target, {"status": "finished"})
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_text() == "the old record\n"
 
 
 # ------------------------------------------------------------------------------------ through train.py

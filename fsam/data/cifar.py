@@ -6,6 +6,10 @@ archive is checked against its md5 checksum and extracted; otherwise it is downl
 checked and extracted. Each step writes under a temporary name and renames when complete, so an interrupted or
 failed step never leaves something that looks finished: a truncated archive leaves no half-extracted folder, a
 failed download leaves no archive.
+
+The batches are pickles, and unpickling a file can run any code it names; a file planted in a data folder must
+not. They are read by an unpickler that admits only what the format holds (NumPy arrays, their dtypes, numbers,
+bytes, lists and dicts) and refuses any other global with a DataError before calling it.
 """
 
 from __future__ import annotations
@@ -177,7 +181,8 @@ def read_folder(variant: CifarVariant, folder: Path) -> CifarSplits:
     """Read the pickled batches of an extracted folder into arrays.
 
     Raises:
-        DataError: a batch is unreadable or holds pixels or labels that cannot be CIFAR's, or a split is empty.
+        DataError: a batch is unreadable, names anything but what a batch holds (code that unpickling would run),
+            or holds pixels or labels that cannot be CIFAR's, or a split is empty.
     """
     train = [_read_batch(variant, folder / name) for name in variant.train_files]
     test = [_read_batch(variant, folder / name) for name in variant.test_files]
@@ -201,13 +206,36 @@ def read_folder(variant: CifarVariant, folder: Path) -> CifarSplits:
     )
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch and nothing else: a global outside :attr:`ADMITTED` is refused before anything
+    looks it up or calls it."""
+
+    ADMITTED = {
+        # An ndarray: the official archives name NumPy 1's module, a batch pickled under NumPy 2 the new one.
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        # A NumPy number (in a label list, say).
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        # bytes as Python 3 writes them under protocol 2, the empty ones as a call of bytes (Python 2's own pickles
+        # hold them as str opcodes).
+        ("_codecs", "encode"), ("__builtin__", "bytes"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ADMITTED:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which no CIFAR batch does: not unpickled, as that would run it"
+            )
+        return super().find_class(module, name)
+
+
 def _read_batch(variant: CifarVariant, path: Path) -> dict[str, np.ndarray]:
     """One pickled batch: ``images`` uint8 [n, 3, 32, 32], ``labels`` int64 [n] (CIFAR-100: ``coarse`` too)."""
     refetch = f"delete {path.parent} to extract it again from {variant.archive}"
     try:
         with open(path, "rb") as file:
             # The official archives were pickled by Python 2: bytes keys under encoding="bytes".
-            content = pickle.load(file, encoding="bytes")
+            content = _BatchUnpickler(file, encoding="bytes").load()
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
         pixels = _pixels(path, batch["data"], refetch)
         images = pixels.reshape(len(pixels), 3, IMAGE_SIZE, IMAGE_SIZE)

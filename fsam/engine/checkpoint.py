@@ -2,9 +2,11 @@
 
 ``checkpoints/last.pt`` is the newest state, ``last.prev.pt`` the one before (the fallback when ``last.pt`` is
 unreadable), ``best.pt`` the state at the epoch with the best test top-1. A save writes a temporary file, syncs
-it, moves ``last.pt`` to ``last.prev.pt`` and renames the temporary file to ``last.pt``: at every instant at
-least one complete checkpoint exists. ``best.pt`` is a hard link to the ``last.pt`` it was saved with (no second
-copy on disk), or a copy where the file system has no hard links.
+it, (at a best epoch) makes it ``best.pt``, moves ``last.pt`` to ``last.prev.pt`` and renames the temporary file to
+``last.pt``: at every instant at least one complete checkpoint exists, and a save that fails part way (a full
+disk, a file system turned read-only) leaves the checkpoints a relaunch continues from. ``best.pt`` is a hard
+link to the ``last.pt`` it was saved with (no second copy on disk), or a copy where the file system has no hard
+links.
 
 Checkpoints hold tensors, numbers, strings and containers only, so they load with ``weights_only=True``.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsam.runfolder import private_temporary, sync_folder, write_error
+from fsam.runfolder import kept_checkpoints, private_temporary, remove_temporary, sync_folder, write_error
 from fsam.errors import CheckpointError
 
 
@@ -38,8 +40,9 @@ class CheckpointStore:
     def save(self, state: dict[str, Any], *, best: bool = False) -> None:
         """Write ``state`` as the new ``last.pt`` (keeping the old one as ``last.prev.pt``); also as ``best.pt``.
 
-        A write that fails (disk full, read-only folder) leaves the checkpoints as they were and raises
-        RunFolderError naming the file and the fix."""
+        A write that fails (disk full, read-only folder) leaves the checkpoints as they were, or with ``last.pt``
+        already moved to ``last.prev.pt`` where the failure came between the two renames, and raises
+        RunFolderError naming the file, the checkpoints kept and the fix."""
         self.folder.mkdir(exist_ok=True)  # not its parents: a run folder deleted mid-run is not recreated
         temporary = private_temporary(self.last)
         try:
@@ -48,33 +51,36 @@ class CheckpointStore:
                 file.flush()
                 os.fsync(file.fileno())
         except (OSError, RuntimeError) as error:
-            temporary.unlink(missing_ok=True)
+            remove_temporary(temporary)
             cause = error if isinstance(error, OSError) else _os_error_in(error)
             if cause is None:
                 raise
-            raise write_error(self.last, cause, self._kept()) from None
+            raise write_error(self.last, cause, kept_checkpoints(self.folder)) from None
+        if best:
+            self._mark_best(temporary)
         try:
             if self.last.exists():
                 os.replace(self.last, self.previous)
             os.replace(temporary, self.last)
-            if best:
-                self._mark_best()
         except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise write_error(self.last, error, self._kept()) from None
+            remove_temporary(temporary)
+            raise write_error(self.last, error, kept_checkpoints(self.folder)) from None
         sync_folder(self.folder)
 
-    def _kept(self) -> str:
-        kept = [path.name for path in (self.last, self.previous) if path.exists()]
-        return f"the checkpoints {', '.join(kept)} are kept" if kept else "no checkpoint was written yet"
-
-    def _mark_best(self) -> None:
+    def _mark_best(self, checkpoint: Path) -> None:
+        """Make ``best.pt`` the written ``checkpoint`` before it becomes ``last.pt``: a failure here changes no
+        checkpoint, so ``best.pt`` never lags behind the best epoch that ``last.pt`` records."""
         temporary = private_temporary(self.best)
         try:
-            os.link(self.last, temporary)
-        except OSError:
-            shutil.copyfile(self.last, temporary)
-        os.replace(temporary, self.best)
+            try:
+                os.link(checkpoint, temporary)
+            except OSError:
+                shutil.copyfile(checkpoint, temporary)
+            os.replace(temporary, self.best)
+        except OSError as error:
+            remove_temporary(temporary)
+            remove_temporary(checkpoint)
+            raise write_error(self.best, error, kept_checkpoints(self.folder)) from None
 
     def load_latest(self, map_location: torch.device | str = "cpu") -> dict[str, Any] | None:
         """The newest readable checkpoint: ``last.pt``, else ``last.prev.pt`` with a warning; None if neither

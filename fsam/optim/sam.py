@@ -392,6 +392,8 @@ class FSAM(SAM):
         sigma: how much of the EMA to remove, >= 0 (1 removes all of it).
         lmbda: EMA decay in [0, 1) (the released recipe: 0.6; earlier 0.95).
         ema_order: "code" or "paper", as above. They agree after normalisation when sigma = 1.
+        perturbation: only ``"minibatch"``, F-SAM's own direction: the Figure-1 analysis directions replace it,
+            so they belong to :class:`SAM`, and any other value is refused.
         Everything else as :class:`SAM`.
     """
 
@@ -406,12 +408,19 @@ class FSAM(SAM):
         ema_order: str = "code",
         adaptive: bool = False,
         eta: float = 0.0,
+        perturbation: str = "minibatch",
         **base_kwargs: Any,
     ) -> None:
         _check_range("sigma", sigma, sigma >= 0, ">= 0 (the share of the EMA removed from the gradient)")
         _check_range("lmbda", lmbda, 0 <= lmbda < 1, "in [0, 1) (the EMA decay)")
         if ema_order not in ("code", "paper"):
             raise ValueError(f"ema_order={ema_order!r} is not allowed: ema_order must be 'code' or 'paper'")
+        if perturbation != "minibatch":
+            # Named here, not left to **base_kwargs: SAM would take it and replace F-SAM's direction with its own.
+            raise ValueError(
+                f"perturbation={perturbation!r} is not allowed: FSAM perturbs along its own direction, g - sigma * EMA "
+                "(perturbation='minibatch'); the analysis directions 'full' and 'noise' belong to SAM"
+            )
         self._fsam_hyper = dict(sigma=sigma, lmbda=lmbda, ema_order=ema_order)
         self._fresh_this_step: list[torch.Tensor] = []
         self._backed_up: list[torch.Tensor] = []
