@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from fsam.errors import ConfigError, FsamError
@@ -48,12 +49,15 @@ def cifar_table(dataset: str) -> list[list[str]]:
 
 
 # At sigma = 1 (and lambda > 0) the two EMA orders give the same direction, so the runs share a folder (the
-# identity drops ema_order there): the paper order is swept only where it computes something else.
-LAMBDAS = "optimizer.lmbda=0,0.3,0.6,0.9,0.95,0.99"
+# identity drops ema_order there): the paper order is swept only where it computes something else. In the paper
+# order at lambda = 0 the EMA is the current gradient, so d = (1 - sigma) g: SAM's direction (sigma < 1), no
+# perturbation at all (sigma = 1: SGD at SAM's cost) or SAM's reversed, downhill (sigma > 1); none is F-SAM, so
+# that row is left out (docs/algorithm.md, "One step").
 ABLATION_LAMBDA_SIGMA = [
-    ["experiment=paper_cifar100_resnet18_fsam", LAMBDAS, "optimizer.sigma=0.5,1,1.5,2", "optimizer.ema_order=code"],
-    ["experiment=paper_cifar100_resnet18_fsam", LAMBDAS, "optimizer.sigma=0.5,1.5,2", "optimizer.ema_order=paper"],
-    ["experiment=paper_cifar100_resnet18_fsam", "optimizer.lmbda=0", "optimizer.sigma=1", "optimizer.ema_order=paper"],
+    ["experiment=paper_cifar100_resnet18_fsam", "optimizer.lmbda=0,0.3,0.6,0.9,0.95,0.99",
+     "optimizer.sigma=0.5,1,1.5,2", "optimizer.ema_order=code"],
+    ["experiment=paper_cifar100_resnet18_fsam", "optimizer.lmbda=0.3,0.6,0.9,0.95,0.99", "optimizer.sigma=0.5,1.5,2",
+     "optimizer.ema_order=paper"],
 ]
 
 # name -> (what it reproduces, blocks of overrides). Comma lists are swept; seeds are added by --seeds.
@@ -68,8 +72,8 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
         ],
     ),
     "cifar100_resnet18": (
-        "the release's CIFAR-100 ResNet-18 recipe (experiment=paper_cifar100_resnet18) for SGD, SAM and F-SAM, "
-        "all with its rho 0.2",
+        "the release's CIFAR-100 ResNet-18 hyperparameters with this project's initialisation and the last batch "
+        "dropped (experiment=paper_cifar100_resnet18) for SGD, SAM and F-SAM, all with its rho 0.2",
         [["experiment=paper_cifar100_resnet18", "optimizer=sgd,sam,fsam"]],
     ),
     "cifar10": (
@@ -104,7 +108,8 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
     ),
     "ablation_lambda_sigma": (
         "F-SAM on CIFAR-100 ResNet-18 (the release's recipe): lambda 0-0.99 x sigma 0.5-2 in both EMA orders (at "
-        "sigma 1 the orders agree, so those runs are the code order's)",
+        "sigma 1 the orders agree, so those runs are the code order's; the paper order's lambda 0, where the "
+        "direction is (1 - sigma) g, not F-SAM's, is left out)",
         ABLATION_LAMBDA_SIGMA,
     ),
     "ablation_rho": (
@@ -116,7 +121,7 @@ GRIDS: dict[str, tuple[str, list[list[str]]]] = {
 # The paper's Figure-1 analysis: SAM's ascent along the minibatch gradient, the full-batch gradient alone, or the
 # minibatch gradient's part orthogonal to it (docs/algorithm.md, "The perturbation's two parts").
 GRIDS["figure1"] = (
-    "the paper's Figure 1: SAM (rho 0.2) on the released CIFAR-100 ResNet-18 recipe, perturbed along the minibatch "
+    "the paper's Figure 1: SAM (rho 0.2) with the release's CIFAR-100 ResNet-18 recipe, perturbed along the minibatch "
     "gradient, the full gradient only, or the noise part only (experiment=paper_figure1_cifar100_resnet18)",
     [["experiment=paper_figure1_cifar100_resnet18", "optimizer.perturbation=minibatch,full,noise"]],
 )
@@ -268,8 +273,11 @@ def print_status(cells: list[list[str]], composed: list[tuple[Path, dict]]) -> N
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", required=True, choices=sorted(GRIDS), help="which grid")
+    grids = "\n".join(textwrap.fill(f"{name}: {description}", 110, initial_indent="  ", subsequent_indent="      ")
+                      for name, (description, _) in GRIDS.items())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"grids:\n{grids}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, choices=sorted(GRIDS), help="which grid (listed below)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every setting")
     parser.add_argument("--launcher", default="inprocess", choices=["inprocess", "local", "slurm"],
                         help="inprocess: one run after the other here; local/slurm: submitit jobs")

@@ -116,8 +116,8 @@ def test_runs_that_two_grids_share_are_listed_once_in_all():
     status = reproduce("--grid", "all", "--seeds", "1", "--status")
     assert status.returncode == 0, status.stderr
     runs = [line.split()[1] for line in status.stdout.splitlines() if line.startswith("missing ")]
-    assert len(runs) == len(set(runs)) == 119  # 122 cells; the ablations reuse 3 runs of the CIFAR-100 table
-    assert "cells: 119 missing (3 more cells are runs listed above: the same setting)" in status.stdout
+    assert len(runs) == len(set(runs)) == 115  # 118 cells; the ablations reuse 3 runs of the CIFAR-100 table
+    assert "cells: 115 missing (3 more cells are runs listed above: the same setting)" in status.stdout
     assert "GPU-hours: " in status.stdout
 
 
@@ -156,30 +156,71 @@ def test_gpu_hours_come_from_gpu_measurements_of_the_same_model_method_batch_and
     assert module.gpu_hours(bf16, measured).startswith("GPU-hours: not measured for 1 of 1 runs")
 
 
-def documented_sweeps() -> list[tuple[str, list[str]]]:
-    """Every ``python train.py -m ...`` command in README.md, docs/ and the config comments, as (where, overrides),
-    continuation lines joined; Hydra's own settings and the launcher choice left out (they do not name folders)."""
-    import re
-
-    sweeps = []
-    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "configs").rglob("*.yaml"))]:
-        text = re.sub(r"\\\n\s*", " ", path.read_text())
-        for match in re.finditer(r"python train\.py -m ([^\n#`]*)", text):
-            overrides = [item for item in match.group(1).split()
-                         if "=" in item and not item.startswith(("hydra.", "hydra/", "-"))]
-            sweeps.append((f"{path.relative_to(REPO)}: {match.group(0).strip()}", overrides))
-    return sweeps
+def cells_of(module, grid: str) -> set[tuple[str, ...]]:
+    return {tuple(cell) for block in module.GRIDS[grid][1] for cell in module.expand(block)}
 
 
-def test_every_documented_sweep_trains_each_combination_in_its_own_folder():
-    """A sweep a reader copies from the docs must compute what its comma lists say: an experiment file that sets
-    optimizer.name itself would turn ``optimizer=sgd,sam,fsam`` into three F-SAM runs sharing one folder."""
+def test_every_grid_holds_exactly_its_named_cells():
+    """Each grid's cells by name, so a lost cell (the Figure-1 grid without its noise-only direction) fails here,
+    not only a count."""
     module = reproduce_module()
-    sweeps = documented_sweeps()
-    assert len(sweeps) >= 5
-    for where, overrides in sweeps:
-        if not any("," in item for item in overrides) or any("${" in item or "<" in item for item in overrides):
-            continue
-        cells = module.expand(overrides)
-        folders = {module.run_folder(cell) for cell in cells}
-        assert len(folders) == len(cells), f"{where}: {len(cells)} combinations train in {len(folders)} folders"
+    methods5, methods3 = ("sgd", "sam", "fsam", "asam", "fasam"), ("sgd", "sam", "fsam")
+    expected = {
+        "digits": {("experiment=quickstart", f"optimizer={method}") for method in methods3}
+        | {("experiment=quickstart", f"optimizer={method}", "dataset.noise.kind=symmetric",
+            f"dataset.noise.ratio={ratio}") for method in methods3 for ratio in ("0.2", "0.4")},
+        "cifar100_resnet18": {("experiment=paper_cifar100_resnet18", f"optimizer={method}") for method in methods3},
+        "figure1": {("experiment=paper_figure1_cifar100_resnet18", f"optimizer.perturbation={direction}")
+                    for direction in ("minibatch", "full", "noise")},
+        "figure1_digits": {("experiment=figure1_digits", f"optimizer.perturbation={direction}")
+                           for direction in ("minibatch", "full", "noise")},
+        "imagenet": {(f"experiment=paper_imagenet_resnet50_{method}",) for method in methods3},
+        "vit": {(f"experiment={prefix}_{method}",) for prefix in ("paper_cifar10_deit_small",
+                                                                   "paper_cifar100_deit_small", "cifar10_vit_scratch")
+                for method in ("adamw", "sam", "fsam")},
+        "label_noise": {(f"experiment=paper_cifar10_{noise}_resnet18_{method}",) for method in methods3
+                        for noise in ("sym20", "sym40", "sym60", "sym80", "asym40")},
+        "ablation_rho": {(f"experiment=paper_cifar100_resnet18_{method}", f"optimizer.rho={rho}")
+                         for method in ("sam", "fsam") for rho in ("0.05", "0.1", "0.2", "0.3", "0.4", "0.5")},
+        "ablation_lambda_sigma": {
+            ("experiment=paper_cifar100_resnet18_fsam", f"optimizer.lmbda={lmbda}", f"optimizer.sigma={sigma}",
+             f"optimizer.ema_order={order}")
+            for lmbda in ("0", "0.3", "0.6", "0.9", "0.95", "0.99") for sigma in ("0.5", "1", "1.5", "2")
+            for order in ("code", "paper") if order == "code" or (sigma != "1" and lmbda != "0")
+        },
+    }
+    for dataset in ("cifar10", "cifar100"):
+        expected[dataset] = {(f"experiment=paper_{dataset}_{model}_{method}",) for method in methods5
+                             for model in ("resnet18", "wrn28_10", "pyramidnet110", "vgg16_bn")}
+    expected["all"] = set().union(*(expected[name] for name in module.PAPER_GRIDS))
+    assert set(module.GRIDS) == set(expected)
+    for grid, cells in expected.items():
+        assert cells_of(module, grid) == cells, grid
+
+
+def test_status_and_dry_run_list_the_folders_the_overrides_after_the_double_dash_give(isolated_records):
+    """The arguments after -- change the runs a grid launches, so they change the folders it reports."""
+    plain = reproduce("--grid", "figure1_digits", "--seeds", "1", "--status")
+    shorter = reproduce("--grid", "figure1_digits", "--seeds", "1", "--status", "--", "trainer.epochs=3")
+    dry = reproduce("--grid", "figure1_digits", "--seeds", "1", "--dry-run", "--", "trainer.epochs=3")
+    assert plain.returncode == shorter.returncode == dry.returncode == 0, shorter.stderr
+
+    def listed(result: subprocess.CompletedProcess) -> set[str]:
+        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("missing ")}
+
+    assert len(listed(plain)) == len(listed(shorter)) == 3 and not listed(plain) & listed(shorter)
+    assert listed(dry) == listed(shorter)
+    module = reproduce_module()
+    expected = {str(module.run_folder(["experiment=figure1_digits", f"optimizer.perturbation={direction}",
+                                       "trainer.seed=1", "trainer.epochs=3"])) for direction in ("minibatch", "full", "noise")}
+    assert listed(shorter) == expected
+    assert all("trainer.epochs=3" in line for line in dry.stdout.splitlines() if line.startswith("would run: "))
+
+
+def test_every_grid_is_listed_in_the_help_and_in_the_docs_table():
+    module = reproduce_module()
+    listed = reproduce("--help").stdout
+    table = (REPO / "docs" / "reproducing.md").read_text()
+    for name in module.GRIDS:
+        assert f"\n  {name}: " in listed, name
+        assert f"| `{name}` |" in table, name
