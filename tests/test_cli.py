@@ -156,11 +156,24 @@ def test_two_processes_under_torchrun_train_one_run_with_one_set_of_records(tiny
 
 
 def test_a_sweep_through_submitits_local_launcher_writes_the_folders_single_runs_find(train_py, tiny_cli, isolated_records):
-    result = train_py("-m", "hydra/launcher=local", "optimizer=sgd,fsam", *tiny_cli, timeout=600)
-    assert result.returncode == 0, result.stderr
+    """Each job's real outcome as it ends: a job whose folder another launch holds is refused, never 'finished',
+    and the sweep exits with status 2 naming it."""
+    from fsam.runfolder import RunFolder, default_run_dir
+    from test_sweeps import composed
+
+    holder = RunFolder(default_run_dir(composed(*tiny_cli, "optimizer=asam"), 1))
+    holder.hold()
+    try:
+        result = train_py("-m", "hydra/launcher=local", "optimizer=sgd,fsam,asam", *tiny_cli, timeout=600)
+    finally:
+        holder.release()
+    assert result.returncode == 2, result.stderr
     logs = [line.rsplit(": log ", 1)[1] for line in result.stdout.splitlines() if ": log " in line]
-    assert len(logs) == 2 and all("epoch 1/1" in Path(log).read_text() for log in logs)  # where each job's log is
-    assert "jobs done" in result.stdout and "sweep: 2 of 2 jobs done (2 finished)" in result.stdout
+    assert len(logs) == 3 and all("epoch 1/1" in Path(log).read_text() for log in logs[:2])  # where each job's log is
+    ended = sorted(line.split(";")[0] for line in result.stdout.splitlines() if line.startswith("job #") and ": log " not in line)
+    assert [line.split(") ", 1)[1].split(":")[0] for line in ended] == ["finished", "finished", "refused"]
+    assert "is in use by pid" in ended[2] and "sweep: 3 of 3 jobs done (2 finished, 1 refused)" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 jobs of this sweep did not finish: job #2 (")
     runs = finished_runs(isolated_records)
     assert sorted(summary["method"] for summary in runs.values()) == ["fsam", "sgd"]
     fsam_folder = next(folder for folder, summary in runs.items() if summary["method"] == "fsam")
