@@ -30,8 +30,8 @@ def with_gradients(parameters: list[nn.Parameter], scale: float = 1.0) -> list[n
 
 def test_the_defaults_are_the_ones_documented():
     sam = SAM(params((2,)), torch.optim.SGD, lr=0.1)
-    assert {k: sam.param_groups[0][k] for k in ("rho", "adaptive", "eta")} == {"rho": 0.05, "adaptive": False,
-                                                                              "eta": 0.0}
+    assert {k: sam.param_groups[0][k] for k in ("rho", "adaptive", "eta")} == {"rho": 0.1, "adaptive": False,
+                                                                              "eta": 0.0}  # the configs' SAM radius
     fsam = FSAM(params((2,)), torch.optim.SGD, lr=0.1)
     assert {k: fsam.param_groups[0][k] for k in ("rho", "sigma", "lmbda", "ema_order")} == {
         "rho": 0.2, "sigma": 1.0, "lmbda": 0.6, "ema_order": "code"}

@@ -76,6 +76,22 @@ def test_a_method_left_without_a_radius_gets_its_own_from_the_registry():
     assert checked("experiment=paper_cifar100_resnet18", "optimizer=sam")["optimizer"]["rho"] == 0.2  # the recipe's
 
 
+
+def test_the_library_gives_each_method_the_radius_the_configs_give_it():
+    import torch
+
+    from fsam.optim import FSAM, SAM, create_optimizer
+
+    def radius(optimizer):
+        return optimizer.param_groups[0]["rho"]
+
+    weights = [torch.nn.Parameter(torch.ones(2))]
+    built = {"sam": SAM(weights, torch.optim.SGD, lr=0.1), "asam": SAM(weights, torch.optim.SGD, lr=0.1, adaptive=True),
+             "fsam": FSAM(weights, torch.optim.SGD, lr=0.1), "fasam": FSAM(weights, torch.optim.SGD, lr=0.1, adaptive=True)}
+    for method, optimizer in built.items():
+        assert radius(optimizer) == radius(create_optimizer(weights, method)) == METHOD_REGISTRY[method].rho
+
+
 def test_existing_runs_keep_their_folders():
     """The digests of the shipped defaults did not move when the method's radius moved into the registry."""
     def folder(*overrides):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from fsam.errors import CheckpointError
-from fsam.names import PERTURBATIONS
+from fsam.names import METHOD_REGISTRY, PERTURBATIONS
 
 _EPS = 1e-12
 _STATE_VERSION = 1
@@ -52,7 +52,8 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: a torch optimizer class (built here with ``params`` and ``**base_kwargs``) or an
             optimizer instance. It owns the learning rate, momentum and weight decay; attach LR schedulers to
             ``self.base_optimizer`` (the wrapper shares its ``param_groups``, so either works).
-        rho: perturbation radius, >= 0 (SAM: 0.05-0.2 on CIFAR; ASAM wants 0.5-2.0).
+        rho: perturbation radius, >= 0 (SAM: 0.05-0.2 on CIFAR; ASAM wants 0.5-2.0). None is the method's own
+            (:data:`fsam.names.METHOD_REGISTRY`: SAM 0.1, ASAM 1.0; F-SAM 0.2, F-ASAM 1.0), as in the configs.
         adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + eta``.
         eta: the ASAM offset added to ``|w|``, >= 0.
         perturbation: what the ascent follows (the paper's Figure-1 analysis). ``"minibatch"``: the minibatch
@@ -72,12 +73,14 @@ class SAM(torch.optim.Optimizer):
         params: Iterable[Any] | None,
         base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
         *,
-        rho: float = 0.05,
+        rho: float | None = None,
         adaptive: bool = False,
         eta: float = 0.0,
         perturbation: str = "minibatch",
         **base_kwargs: Any,
     ) -> None:
+        if rho is None:  # the method's own radius, the same one the configs give it
+            rho = METHOD_REGISTRY[self._method_name(adaptive)].rho
         _check_range("rho", rho, rho >= 0, ">= 0 (the perturbation radius)")
         _check_range("eta", eta, eta >= 0, ">= 0 (the ASAM offset added to |w|)")
         if perturbation not in PERTURBATIONS:
@@ -107,6 +110,11 @@ class SAM(torch.optim.Optimizer):
         self.steps_taken = 0
         self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.last_grad_norm: torch.Tensor | None = None
+
+    @staticmethod
+    def _method_name(adaptive: bool) -> str:
+        """The registry's name of this class with or without ASAM's scaling."""
+        return "asam" if adaptive else "sam"
 
     def _method_defaults(self, **kwargs: Any) -> dict[str, Any]:
         return kwargs
@@ -402,7 +410,7 @@ class FSAM(SAM):
         params: Iterable[Any] | None,
         base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
         *,
-        rho: float = 0.2,
+        rho: float | None = None,
         sigma: float = 1.0,
         lmbda: float = 0.6,
         ema_order: str = "code",
@@ -425,6 +433,10 @@ class FSAM(SAM):
         self._fresh_this_step: list[torch.Tensor] = []
         self._backed_up: list[torch.Tensor] = []
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+
+    @staticmethod
+    def _method_name(adaptive: bool) -> str:
+        return "fasam" if adaptive else "fsam"
 
     def _method_defaults(self, **kwargs: Any) -> dict[str, Any]:
         return {**kwargs, **self._fsam_hyper}
