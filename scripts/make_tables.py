@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from fsam.errors import FsamError
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
     METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, reported_metrics, row_label, settings_table,
     summarise, to_latex,
@@ -109,9 +109,10 @@ def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts:
     counts = runs["status"].value_counts().to_dict()
     lines = [f"# Results from {root}", "",
              "Runs: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) + ".", ""]
-    unreadable = int(runs["setting"].isna().sum())
-    if unreadable:
-        lines += [f"{unreadable} folder(s) have a config.yaml this version cannot read; they are left out.", ""]
+    broken = damaged(runs)
+    if broken:
+        lines += ["Damaged folders (their records do not verify; none of their numbers is in the tables):", ""]
+        lines += [f"- {line.removeprefix('damaged: ')}" for line in broken] + [""]
     lines += ["Cells: mean ± std over finished seeds (std only for n ≥ 2); unfinished, running and diverged runs are "
               "counted, never averaged" + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", ""]
     for metric, layout in layouts.items():

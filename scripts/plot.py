@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fsam.errors import FsamError
 from fsam.report import summarise
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.figures import ema_agreement, lambda_sigma_heatmap, learning_curves, noise_plot
 from fsam.report.tables import METRICS
 
@@ -35,6 +35,9 @@ def main() -> int:
     except FsamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for line in damaged(runs):
+        print(line)  # listed, never drawn
+    runs = runs[runs["status"] != "damaged"]
     summary = summarise(runs)
     curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)
     drawn = {

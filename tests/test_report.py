@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from fsam.engine import run
 from fsam.report import load_metrics, load_runs, paper_layout, reference_table, settings_table, summarise
-from fsam.runfolder import RunLock
+from fsam.runfolder import RunFolder, RunLock
 from reportgen import run_script, write_run
 from wandb_records import read_run
 
@@ -40,7 +41,10 @@ def runs_root(tmp_path_factory, cifar_root):
             })
     unfinished = root / "sam" / "seed1"
     unfinished.mkdir(parents=True)
-    (unfinished / "config.yaml").write_text((root / "fsam" / "seed1" / "config.yaml").read_text().replace("fsam", "sam"))
+    config = yaml.safe_load((root / "fsam" / "seed1" / "config.yaml").read_text())
+    config.pop("identity")  # F-SAM's identity would not be SAM's: read as a folder from before identities
+    config["optimizer"]["name"] = "sam"
+    (unfinished / "config.yaml").write_text(yaml.safe_dump(config))
     first_epoch = (root / "fsam" / "seed1" / "metrics.jsonl").read_text().splitlines()[0]
     (unfinished / "metrics.jsonl").write_text(first_epoch + '\n{"epoch": 2, "train_lo')  # killed mid-line
     return root
@@ -114,6 +118,52 @@ def test_make_tables_writes_every_format_and_refuses_a_missing_folder(runs_root,
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: no run folder")
     assert (out / "tables.md").read_text() == text  # the good table is untouched
+
+
+def hand_edited(root: Path) -> tuple[Path, str]:
+    """SGD with two seeds in identity-named folders; seed 2's config edited afterwards (lr 0.1 -> 0.5). Returns
+    the edited folder and its problem."""
+    for seed, top1 in ((1, [88.0, 90.0]), (2, [92.0, 94.0])):
+        folder = write_run(root, f"scratch/seed{seed}", seed=seed, top1=top1)
+        name = json.loads((folder / "summary.json").read_text())["setting"]
+        (root / name).mkdir(exist_ok=True)
+        folder = folder.rename(root / name / f"seed{seed}")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["optimizer"]["lr"] = 0.5
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder, RunFolder(folder).problem()
+
+
+def test_make_tables_lists_damaged_folders_with_the_reason_and_tabulates_none_of_them(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    edited, problem = hand_edited(root)
+    cut = write_run(root, "fsam/seed1", method="fsam", top1=[50.0, 60.0])
+    (cut / "summary.json").write_text('{"best_top1": 9')
+    out = tmp_path / "tables"
+    assert run_script(monkeypatch, "make_tables", root, "--out-dir", out) == 0
+    printed = capsys.readouterr().out
+    listing = (f"- {edited}: {problem}\n"
+               f"- {cut}: summary.json is not a JSON object (cut short or edited)\n")
+    assert problem.startswith("config.yaml computes setting ") and listing in printed
+    assert listing in (out / "tables.md").read_text() and "Runs: 2 damaged, 1 finished." in printed
+    settings = pd.read_csv(out / "settings.csv")
+    assert list(zip(settings["optimizer"], settings["lr"], settings["n"])) == [("sgd", 0.1, 1)]  # no lr 0.5, no F-SAM
+    assert settings["final_top1_mean"].tolist() == [90.0]
+
+
+def test_plot_lists_damaged_folders_and_draws_none_of_them(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    edited, problem = hand_edited(root)
+    measured = [[{"step": 5, "ema_cosine": 0.9, "ema_relative_error": 0.45}], []]
+    cut = write_run(root, "fsam/seed1", method="fsam", analysis=measured)
+    (cut / "metrics.jsonl").write_text((cut / "metrics.jsonl").read_text()[:-5])
+    assert run_script(monkeypatch, "plot", root, "--out-dir", tmp_path / "figures") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"damaged: {edited}: {problem}",
+                           f"damaged: {cut}: metrics.jsonl line 2 is not JSON (cut short or edited)"]
+    assert "not drawn (F-SAM's EMA against the full gradient): needs an F-SAM run trained with" in printed[-1]
+    assert sorted(path.name for path in (tmp_path / "figures").iterdir()) == ["curves_CIFAR-10_resnet18.pdf",
+                                                                              "curves_CIFAR-10_resnet18.png"]
 
 
 # ------------------------------------------------------------------ generated run folders, expected by hand

@@ -25,12 +25,13 @@ from matplotlib.ticker import MaxNLocator
 import fsam.report.figures as figures
 from fsam.errors import FsamError
 from fsam.report import load_runs
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
     format_cell, paper_layout, published_value, reference_table, reported_metrics, row_label, settings_table,
     summarise, to_latex, _latex_cell, _latex_escape,
 )
 from fsam.report.wandb_upload import BarChart, _plain, backfill, log_tables
+from fsam.runfolder import RunFolder
 from reportgen import write_run
 from wandb_records import read_run
 
@@ -830,7 +831,7 @@ def test_runs_under_refuses_a_missing_folder_and_an_empty_one_in_words(tmp_path)
     assert list(runs_under(tmp_path / "runs")["run_dir"]) == [str(tmp_path / "runs" / "sgd" / "seed1")]
 
 
-def test_load_runs_skips_unreadable_folders_and_keeps_those_it_cannot_identify(tmp_path):
+def test_folders_that_do_not_parse_or_check_are_listed_as_damaged_with_the_reason_and_not_tabulated(tmp_path):
     root = tmp_path / "runs"
     (root / "a-broken").mkdir(parents=True)
     (root / "a-broken" / "config.yaml").write_text("optimizer: [unclosed\n")  # sorts first: the rest is still read
@@ -839,11 +840,18 @@ def test_load_runs_skips_unreadable_folders_and_keeps_those_it_cannot_identify(t
     config = (old / "config.yaml").read_text()
     (old / "config.yaml").write_text(config.replace("  name: sgd\n", "  name: lookahead\n"))  # no longer a method
     runs = load_runs(root)
-    assert list(runs["run_dir"]) == [str(good), str(old)]
-    unknown = runs.iloc[1]
+    assert list(runs["run_dir"]) == [str(root / "a-broken"), str(good), str(old)]
+    assert list(runs["status"]) == ["damaged", "finished", "damaged"]
+    assert runs.iloc[0]["problem"] == "config.yaml is not valid YAML (cut short or edited)"
+    assert pd.isna(runs.iloc[1]["problem"]) and runs.iloc[1]["best_top1"] == 80.0
+    unknown = runs.iloc[2]
+    assert unknown["problem"].startswith("config.yaml does not check (optimizer.name='lookahead' is not ")
+    # described by what its config says, but with no setting and no numbers: nothing of it reaches a table
     assert pd.isna(unknown["setting"]) and unknown["optimizer"] == "lookahead" and unknown["model"] == "resnet18"
-    assert unknown["lr"] == 0.05 and unknown["status"] == "finished"
-    assert runs.iloc[0]["best_top1"] == 80.0
+    assert unknown["lr"] == 0.05 and pd.isna(unknown["best_top1"])
+    assert list(summarise(runs)["n"]) == [1]
+    assert damaged(runs) == [f"damaged: {root / 'a-broken'}: config.yaml is not valid YAML (cut short or edited)",
+                             f"damaged: {old}: {unknown['problem']}"]
 
 
 def test_a_folder_whose_model_options_no_longer_check_is_listed_under_its_model_name(tmp_path):
@@ -852,7 +860,146 @@ def test_a_folder_whose_model_options_no_longer_check_is_listed_under_its_model_
     record["model"]["kwargs"]["depth"] = "eight"  # a value the builder refuses: no identity can be computed
     (folder / "config.yaml").write_text(yaml.safe_dump(record))
     (row,) = load_runs(tmp_path).to_dict("records")
-    assert pd.isna(row["setting"]) and row["model"] == "pyramidnet110" and row["status"] == "finished"
+    assert pd.isna(row["setting"]) and row["model"] == "pyramidnet110" and row["status"] == "damaged"
+    assert row["problem"].startswith("config.yaml does not check (model.kwargs.depth='eight' is not allowed")
+
+
+def identity_named(root: Path, **options) -> Path:
+    """A finished run written by ``write_run`` and moved to where the engine puts it: ``<setting name>/seed<N>``."""
+    folder = write_run(root, "scratch/seed1", **options)
+    name = json.loads((folder / "summary.json").read_text())["setting"]
+    (root / name).mkdir(parents=True)
+    return folder.rename(root / name / "seed1")
+
+
+def edit_yaml(path: Path, change) -> None:
+    record = yaml.safe_load(path.read_text())
+    change(record)
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def edit_json(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def test_a_summary_that_is_not_json_is_a_damaged_folder_never_a_finished_seed(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "sgd/seed1", seed=1, top1=[90.0, 91.0])
+    cut = write_run(root, "sgd/seed2", seed=2, top1=[10.0, 12.0])
+    (cut / "summary.json").write_text('{"best_top1": 9')  # cut short
+    runs = load_runs(root)
+    assert list(runs["status"]) == ["finished", "damaged"]
+    assert runs.iloc[1]["problem"] == "summary.json is not a JSON object (cut short or edited)"
+    (row,) = summarise(runs).to_dict("records")
+    assert (row["n"], row["final_top1_mean"]) == (1, 91.0) and math.isnan(row["final_top1_std"])
+
+
+@pytest.mark.parametrize("carrier", ["its recorded identity", "the folder name", "summary.json"])
+def test_a_config_edited_after_the_run_is_damaged_by_whichever_record_carries_the_digest_it_trained(tmp_path,
+                                                                                                  carrier):
+    root = tmp_path / "runs"
+    folder = identity_named(root, lr=0.1)
+    trained = folder.parent.name[-12:]
+    if carrier != "its recorded identity":
+        edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    if carrier != "summary.json":
+        edit_json(folder / "summary.json", lambda record: record.pop("setting"))
+    if carrier != "the folder name":
+        folder = folder.rename(root / "kept-by-hand")
+    edit_yaml(folder / "config.yaml", lambda record: record["optimizer"].update(lr=0.5))
+    edited = load_runs(root)
+    (row,) = edited.to_dict("records")
+    computed = RunFolder(folder).read_config()[1]["digest"][:12]
+    assert row["status"] == "damaged" and pd.isna(row["setting"])
+    assert row["problem"] == (f"config.yaml computes setting {computed}, but {carrier} records {trained} "
+                              "(edited after the run)")
+    assert summarise(edited).empty  # lr 0.5 never trained: no row of it
+
+
+def test_a_summary_carries_its_digest_whole_or_in_its_setting_name(tmp_path):
+    folder = write_run(tmp_path / "runs", "kept/seed1")
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.update(setting_digest="0" * 64, setting="x-sgd"))
+    assert RunFolder(folder).problem().endswith(f"but summary.json records {'0' * 12} (edited after the run)")
+
+
+def test_every_place_that_records_another_digest_is_named_with_it(tmp_path):
+    folder = identity_named(tmp_path / "runs")
+    trained = folder.parent.name[-12:]
+    edit_json(folder / "summary.json", lambda record: record.update(setting="other-abcdefabcdef"))
+    edit_yaml(folder / "config.yaml", lambda record: record["trainer"].update(epochs=3))
+    computed = RunFolder(folder).read_config()[1]["digest"][:12]
+    assert RunFolder(folder).problem() == (
+        f"config.yaml computes setting {computed}, but its recorded identity and the folder name record {trained}; "
+        "summary.json records abcdefabcdef (edited after the run)")
+
+
+def test_a_config_whose_seed_was_edited_after_the_run_is_damaged(tmp_path):
+    folder = identity_named(tmp_path / "runs", seed=1)
+    edit_yaml(folder / "config.yaml", lambda record: record["trainer"].update(seed=2))
+    assert RunFolder(folder).problem() == ("config.yaml has seed 2, but its recorded identity, the folder name and "
+                                           "summary.json record 1 (edited after the run)")
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.update(seed=3))
+    assert RunFolder(folder).problem() == ("config.yaml has seed 2, but the folder name records 1; summary.json "
+                                           "records 3 (edited after the run)")
+
+
+def test_folders_from_before_identities_are_read_on_their_records_alone(tmp_path):
+    root = tmp_path / "runs"
+    folder = write_run(root, "quickstart/optimizer=sgd/seed1", top1=[80.0, 85.0])
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.pop("setting"))
+    (row,) = load_runs(root).to_dict("records")
+    assert row["status"] == "finished" and pd.isna(row["problem"]) and row["final_top1"] == 85.0
+    assert row["setting"].startswith("cifar10-resnet18-sgd-")  # computed from its config, as new runs' are
+
+
+def test_a_digest_of_another_identity_version_is_not_compared(tmp_path):
+    folder = identity_named(tmp_path / "runs")
+    moved = folder.rename(tmp_path / "runs" / "kept")  # only the identity and the summary carry the digest
+    edit_yaml(moved / "config.yaml", lambda record: record["identity"].update(identity_version=0, digest="f" * 64))
+    edit_json(moved / "summary.json", lambda record: record.update(setting="x-" + "f" * 12))
+    assert RunFolder(moved).problem() is None
+    edit_yaml(moved / "config.yaml", lambda record: record["identity"].update(identity_version=1))
+    assert RunFolder(moved).problem().endswith(
+        "but its recorded identity and summary.json record ffffffffffff (edited after the run)")
+
+
+@pytest.mark.parametrize(("metrics", "problem"), [
+    ('{"epoch": 1}\n{"epoch": 2', "metrics.jsonl line 2 is not JSON (cut short or edited)"),
+    ('{"epoch": 1}\n', "finished, but metrics.jsonl holds epochs [1] where the config trains 2"),
+    ('{"epoch": 1}\n[2]\n', "finished, but metrics.jsonl holds epochs [1, None] where the config trains 2"),
+    ("", "finished, but metrics.jsonl holds epochs none where the config trains 2"),
+    (None, "finished, but metrics.jsonl is missing"),
+])
+def test_a_finished_run_needs_every_epoch_of_its_metrics_in_lines_that_parse(tmp_path, metrics, problem):
+    folder = write_run(tmp_path / "runs", "sgd/seed1", top1=[50.0, 60.0])
+    if metrics is None:
+        (folder / "metrics.jsonl").unlink()
+    else:
+        (folder / "metrics.jsonl").write_text(metrics)
+    assert RunFolder(folder).problem() == problem
+    (folder / "summary.json").unlink()
+    assert RunFolder(folder).problem() is None  # an unfinished run may have been killed mid-line
+
+
+def test_records_without_a_config_are_a_damaged_folder_and_wandbs_own_files_no_folder_at_all(tmp_path):
+    root = tmp_path / "runs"
+    run = write_run(root, "a/seed1")
+    online = run / "wandb" / "run-20260101_000000-abc" / "files"
+    online.mkdir(parents=True)
+    (online / "config.yaml").write_text("_wandb:\n  value: {}\n")  # what an online wandb run keeps there
+    for name in ("summary.json", "metrics.jsonl"):
+        orphan = root / f"only-{name}"
+        orphan.mkdir()
+        (orphan / name).write_text("{}\n")
+    runs = load_runs(root)
+    assert list(runs["run_dir"]) == [str(run), str(root / "only-metrics.jsonl"), str(root / "only-summary.json")]
+    assert list(runs["status"]) == ["finished", "damaged", "damaged"]
+    assert list(runs["problem"][1:]) == ["no config.yaml", "no config.yaml"]
 
 
 def test_sam_with_an_analysis_direction_is_its_own_method(tmp_path):
