@@ -20,8 +20,8 @@ import pandas as pd
 from fsam.errors import FsamError
 from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, reported_metrics, row_label, settings_table,
-    summarise, to_latex,
+    CHOSEN, METHOD_NAMES, METRICS, SPREAD, layout_caption, load_known, paper_layout, reference_table,
+    reported_metrics, row_label, settings_caption, settings_table, summarise, to_latex,
 )
 from fsam.runfolder import write_atomic
 
@@ -61,14 +61,16 @@ def main() -> int:
     per_setting = settings_table(summary)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"settings.csv": summary.to_csv(index=False), "settings.md": per_setting.to_markdown(index=False) + "\n",
-               "settings.tex": to_latex(per_setting, "Results per setting (mean ± std over seeds, n seeds)",
-                                        "tab:settings")}
+    # CSVs hold numbers (mean, std and n in columns of their own) for pandas and plotting; the formatted cells
+    # are for reading, in Markdown and LaTeX, each under a caption saying how its numbers were chosen.
+    per_setting_caption = settings_caption(list(layouts))
+    outputs = {"settings.csv": summary.to_csv(index=False),
+               "settings.md": f"{per_setting_caption}\n\n{per_setting.to_markdown(index=False)}\n",
+               "settings.tex": to_latex(per_setting, per_setting_caption, "tab:settings")}
     for metric, layout in layouts.items():
-        caption = f"{METRICS[metric]}, mean ± std over seeds (n); published values with their source"
-        outputs[f"paper_{metric}.csv"] = layout.table.to_csv()
-        outputs[f"paper_{metric}.md"] = markdown(layout.table) + "\n"
-        outputs[f"paper_{metric}.tex"] = to_latex(layout.table, caption, f"tab:paper-{metric}")
+        outputs[f"paper_{metric}.csv"] = layout.values.to_csv(index=False)
+        outputs[f"paper_{metric}.md"] = f"{layout_caption(metric)}\n\n{markdown(layout.table)}\n"
+        outputs[f"paper_{metric}.tex"] = to_latex(layout.table, layout_caption(metric), f"tab:paper-{metric}")
     report = overview(args.runs, runs, per_setting, layouts, args.seeds)
     outputs["tables.md"] = report
     for name, text in outputs.items():
@@ -113,8 +115,11 @@ def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts:
     if broken:
         lines += ["Damaged folders (their records do not verify; none of their numbers is in the tables):", ""]
         lines += [f"- {line.removeprefix('damaged: ')}" for line in broken] + [""]
-    lines += ["Cells: mean ± std over finished seeds (std only for n ≥ 2); unfinished, running and diverged runs are "
-              "counted, never averaged" + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", ""]
+    lines += [f"{SPREAD}; unfinished, running and diverged runs are counted, never averaged"
+              + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", "",
+              "How each number was chosen:", ""]
+    lines += [f"- {METRICS[metric]}{' (the headline)' if index == 0 else ''}: {CHOSEN[metric]}."
+              for index, metric in enumerate(layouts)] + [""]
     for metric, layout in layouts.items():
         lines += [f"## Paper layout: {METRICS[metric]}", "", markdown(layout.table), ""]
         lines += [f"- {note}" for note in layout.notes] + ([""] if layout.notes else [])

@@ -2,7 +2,7 @@
 accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into results/figures/.
 
     python train.py experiment=quickstart && python scripts/plot.py runs/    # the quick start's curves
-    python scripts/plot.py runs/ --metric final_top1 --out-dir results/figures
+    python scripts/plot.py runs/ --metric test_top1_at_best_val --out-dir results/figures   # runs with val_split
 
 Every figure that the runs allow is drawn; the others are named with the reason they were not.
 """
@@ -26,7 +26,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding run folders (searched recursively), or one run folder")
     parser.add_argument("--out-dir", type=Path, default=RESULTS / "figures")
-    parser.add_argument("--metric", default="best_top1", choices=sorted(METRICS), help="for the heatmap and noise plot")
+    parser.add_argument("--metric", default="final_top1", choices=list(METRICS),
+                        help="for the heatmap and noise plot (default: the headline, the final epoch)")
     parser.add_argument("--all-settings", action="store_true",
                         help="curves of every setting (default: per method the setting with the most seeds)")
     args = parser.parse_args()

@@ -190,7 +190,8 @@ def generated(tmp_path):
 
 def test_the_per_setting_table_is_the_one_written_by_hand(generated):
     table = settings_table(summarise(load_runs(generated), seeds_expected=2))
-    best, final = "best-epoch test top-1 (%)", "final-epoch test top-1 (%)"
+    best, final = ("test top-1 at the best test epoch (%; diagnostic: chosen on the test set)",
+                   "final-epoch test top-1 (%)")
     assert len(table) == 4  # two learning rates are two rows, never averaged
     by_setting = {(row["optimizer"], row["lr"]): row for _, row in table.iterrows()}
     assert by_setting[("sgd", 0.1)][best] == "91.00 ± 1.41 (n=2)"
@@ -212,7 +213,7 @@ def test_the_paper_layout_shows_every_setting_or_says_which_it_chose(generated):
     assert list(layout.table.columns) == ["SGD", "SGD published", "SAM", "SAM published", "F-SAM", "F-SAM published"]
     assert row["SGD"] == "91.00 ± 1.41 (n=2)"  # the setting with more seeds, not the one that scored best
     assert row["SGD published"] == "90.50 [test-source], Δ +0.50"
-    assert row["F-SAM published"] == "not published"
+    assert row["F-SAM published"] == "not available"
     (note,) = layout.notes
     assert note.startswith("CIFAR-10 / resnet18 / SGD: 2 settings; shown ") and "also run: cifar10-resnet18-sgd-" in note
 
@@ -222,7 +223,34 @@ def test_a_published_number_applies_only_to_the_setting_it_was_measured_with(gen
                            "rho": None, "lambda": None, "sigma": None, "epochs": 200, "batch": 128,
                            "metric": "top1_best", "value": 90.5, "seeds": 1, "note": ""}])
     layout = paper_layout(summarise(load_runs(generated)), "best_top1", known)
-    assert layout.table.loc[("CIFAR-10", "resnet18"), "SGD published"] == "not published"  # 2 epochs, not 200
+    assert layout.table.loc[("CIFAR-10", "resnet18"), "SGD published"] == "not available"  # 2 epochs, not 200
+
+
+def test_make_tables_writes_numbers_to_csv_and_captions_to_the_readable_tables(generated, tmp_path, monkeypatch,
+                                                                               capsys):
+    out = tmp_path / "t"
+    assert run_script(monkeypatch, "make_tables", generated, "--out-dir", out) == 0, capsys.readouterr().err
+    layout = pd.read_csv(out / "paper_final_top1.csv")
+    sgd = layout[layout["method"] == "SGD"].iloc[0]  # seeds 1 and 2 of lr 0.1 end at 90 and 91
+    assert (sgd["mean"], sgd["std"], sgd["n"]) == (90.5, pytest.approx(0.5 ** 0.5), 2)
+    fsam = layout[layout["method"] == "F-SAM"].iloc[0]
+    assert (fsam["mean"], fsam["n"], fsam["diverged"]) == (93.0, 2, 1)
+    settings = pd.read_csv(out / "settings.csv")
+    for table in (layout, settings):
+        numeric = [column for column in table if column.endswith(("mean", "std")) or column == "n"]
+        assert numeric and all(pd.api.types.is_numeric_dtype(table[column]) for column in numeric)
+    spread = "sample standard deviation over the finished seeds (n − 1 denominator"
+    for name in ("settings.md", "paper_final_top1.md", "paper_best_top1.md"):
+        first, blank, table = (out / name).read_text().split("\n")[:3]
+        assert spread in first and blank == "" and table.startswith("| ")
+    for name in ("settings.tex", "paper_final_top1.tex", "paper_best_top1.tex"):
+        assert "sample standard deviation over the finished seeds (n $-$ 1 denominator" in (out / name).read_text()
+    text = (out / "tables.md").read_text()
+    # the headline first; the best test epoch last and named a diagnostic
+    assert text.index("## Paper layout: final-epoch test top-1 (%)") < text.index(
+        "## Paper layout: test top-1 at the best test epoch (%; diagnostic: chosen on the test set)")
+    assert "- final-epoch test top-1 (%) (the headline): the last epoch's test top-1, no epoch is chosen." in text
+    assert spread in text
 
 
 def latex_rows(tex: str) -> list[str]:
@@ -264,7 +292,7 @@ def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path, monke
                 "charts/paper_best_top1_table", "charts/paper_final_top1_table"):
         assert logged[f"{key}/_type"] == "table-file", key
     table = json.loads((run_folder / "files" / logged["tables/settings/path"]).read_text())
-    column = table["columns"].index("best-epoch test top-1 (%)")
+    column = table["columns"].index("test top-1 at the best test epoch (%; diagnostic: chosen on the test set)")
     assert sorted(row[column] for row in table["data"]) == [
         "91.00 ± 1.41 (n=2)", "94.00 ± 1.41 (n=2; 1 diverged)", "96.00 (n=1)", "— (n=0; 1 unfinished; 1 running)"
     ]

@@ -27,17 +27,17 @@ from fsam.errors import FsamError
 from fsam.report import load_runs
 from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    format_cell, paper_layout, published_value, reference_table, reported_metrics, row_label, settings_table,
-    summarise, to_latex, _latex_cell, _latex_escape,
+    format_cell, layout_caption, paper_layout, published_value, reference_table, reported_metrics, row_label,
+    settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
 )
 from fsam.report.wandb_upload import BarChart, _plain, backfill, log_tables
 from fsam.runfolder import RunFolder
-from reportgen import write_run
+from reportgen import run_script, write_run
 from wandb_records import read_run
 
 SGD, SAM, FSAM = "#7f7f7f", "#1f77b4", "#d62728"  # METHOD_COLORS, written out: a method looks the same everywhere
-BEST, FINAL, AT_VAL = ("best-epoch test top-1 (%)", "final-epoch test top-1 (%)",
-                       "test top-1 at the best validation epoch (%)")
+BEST, FINAL, AT_VAL = ("test top-1 at the best test epoch (%; diagnostic: chosen on the test set)",
+                       "final-epoch test top-1 (%)", "test top-1 at the best validation epoch (%)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -380,7 +380,7 @@ def cells(axis) -> dict[tuple[float, float], tuple[str, str]]:
 
 
 def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_not_run(drawn, tmp_path):
-    written = figures.lambda_sigma_heatmap(HEATMAP, tmp_path)
+    written = figures.lambda_sigma_heatmap(HEATMAP, tmp_path, "best_top1")
     assert written == [tmp_path / "heatmap_lambda_sigma_CIFAR-10_resnet18.png",
                        tmp_path / "heatmap_lambda_sigma_CIFAR-10_resnet18.pdf"]
     (figure,) = drawn
@@ -399,7 +399,7 @@ def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_
     assert image.get_cmap().name == "viridis" and axis.get_facecolor() == to_rgba("#eeeeee")  # grey: not run
     assert (axis.get_xlabel(), axis.get_ylabel()) == ("σ (share of the EMA removed)", "λ (EMA decay)")
     assert colorbar.get_ylabel() == BEST and colorbar.get_ylim() == (92.0, 95.0)  # the scale of the cells shown
-    assert axis.get_title() == "F-SAM on CIFAR-10, resnet18: best-epoch test top-1 (%)\n(ρ 0.2, lr 0.1, epochs 200)"
+    assert axis.get_title() == f"F-SAM on CIFAR-10, resnet18: {BEST}\n(ρ 0.2, lr 0.1, epochs 200)"
 
 
 def test_the_heatmap_draws_the_metric_asked_for(drawn, tmp_path):
@@ -411,13 +411,28 @@ def test_the_heatmap_draws_the_metric_asked_for(drawn, tmp_path):
     assert colorbar.get_ylabel() == FINAL and axis.get_title().startswith(f"F-SAM on CIFAR-10, resnet18: {FINAL}\n")
 
 
+def test_the_heatmap_and_the_noise_plot_show_the_headline_final_epoch_unless_told_otherwise(drawn, tmp_path,
+                                                                                           monkeypatch, capsys):
+    figures.lambda_sigma_heatmap(HEATMAP, tmp_path)
+    figures.noise_plot(NOISE, tmp_path)
+    assert drawn[0].figure.axes[1].get_ylabel() == FINAL and drawn[1].figure.axes[0].get_ylabel() == FINAL
+    root = tmp_path / "runs"
+    for lmbda in (0.3, 0.9):
+        write_run(root, f"fsam-{lmbda}/seed1", method="fsam", lmbda=lmbda, top1=[90.0, 80.0])
+    drawn.clear()
+    assert run_script(monkeypatch, "plot", root, "--out-dir", tmp_path / "figures") == 0, capsys.readouterr().err
+    (heatmap,) = [d for d in drawn if d.stem.startswith("heatmap")]
+    assert heatmap.figure.axes[1].get_ylabel() == FINAL
+    assert cells(heatmap.figure.axes[0]) == {(0, 0): ("80.00\nn=1", "white"), (0, 1): ("80.00\nn=1", "white")}
+
+
 def test_the_heatmap_needs_two_values_of_lambda_or_of_sigma(drawn, tmp_path):
     one_cell = {"setting": "a", "dataset": "cifar10", "n": 1, "best_top1_mean": 90.0}
     two_lambdas = [{"setting": s, "dataset": "cifar100", "lmbda": lmbda, "n": 1, "best_top1_mean": 80.0 + i}
                    for i, (s, lmbda) in enumerate((("b", 0.3), ("c", 0.9)))]
     two_sigmas = [{"setting": s, "dataset": "imagenet", "model": "resnet50", "sigma": sigma, "n": 1,
                    "best_top1_mean": 70.0} for s, sigma in (("d", 0.5), ("e", 1.5))]
-    written = figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path)
+    written = figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path, "best_top1")
     assert [d.stem for d in drawn] == ["heatmap_lambda_sigma_CIFAR-100_resnet18",
                                        "heatmap_lambda_sigma_ImageNet_resnet50"]
     assert written == [tmp_path / f"{d.stem}.{suffix}" for d in drawn for suffix in ("png", "pdf")]
@@ -433,7 +448,7 @@ def test_a_heatmap_cell_of_two_settings_shows_the_first_ones_mean_with_its_own_n
         {"setting": "b", "lmbda": 0.9, "sigma": 0.5, "n": 1, "best_top1_mean": 93.0},
         {"setting": "c", "lmbda": 0.9, "sigma": 1.5, "n": 1, "best_top1_mean": 95.0},
     )
-    figures.lambda_sigma_heatmap(summary, tmp_path)
+    figures.lambda_sigma_heatmap(summary, tmp_path, "best_top1")
     # 93 is exactly 60 % of the way from 90 to 95: not above it, so still white
     assert cells(drawn[0].figure.axes[0]) == {(0, 0): ("90.00\nn=2", "white"), (1, 0): ("not run", "#777777"),
                                               (0, 1): ("93.00\nn=1", "white"), (1, 1): ("95.00\nn=1", "black")}
@@ -443,7 +458,7 @@ def test_the_heatmap_draws_the_first_settings_rho_even_when_that_is_one_cell(dra
     summary = summary_of({"setting": "a", "lmbda": 0.6, "rho": 0.5, "n": 1, "best_top1_mean": 99.0},
                          {"setting": "b", "lmbda": 0.3, "n": 1, "best_top1_mean": 90.0},
                          {"setting": "c", "lmbda": 0.9, "n": 1, "best_top1_mean": 91.0})
-    figures.lambda_sigma_heatmap(summary, tmp_path)
+    figures.lambda_sigma_heatmap(summary, tmp_path, "best_top1")
     axis = drawn[0].figure.axes[0]
     assert cells(axis) == {(0, 0): ("99.00\nn=1", "white")}
     assert axis.get_title().endswith("\n(ρ 0.5, lr 0.1, epochs 200)")
@@ -498,7 +513,7 @@ def error_bars(axis) -> list[tuple[str, str, str, list[tuple[float, float]], lis
 
 
 def test_accuracy_against_label_noise_has_one_line_per_method_from_the_clean_runs_up(drawn, tmp_path):
-    written = figures.noise_plot(NOISE, tmp_path)
+    written = figures.noise_plot(NOISE, tmp_path, "best_top1")
     assert [d.stem for d in drawn] == ["noise_cifar10_resnet18_asymmetric", "noise_cifar10_resnet18_symmetric"]
     assert written == [tmp_path / f"{d.stem}.{suffix}" for d in drawn for suffix in ("png", "pdf")]
     symmetric = drawn[1].figure.axes[0]
@@ -682,8 +697,8 @@ def test_to_latex_of_a_plain_table_has_no_index_column():
 def test_summarise_of_no_readable_run_is_an_empty_table_with_every_column():
     columns = ["setting", "dataset", "noise", "noise_ratio", "model", "optimizer", "base", "lr", "weight_decay", "rho",
                "sigma", "lmbda", "epochs", "batch_size", "n", "unfinished", "running", "diverged", "short",
-               "best_top1_mean", "best_top1_std", "final_top1_mean", "final_top1_std", "test_top1_at_best_val_mean",
-               "test_top1_at_best_val_std"]
+               "final_top1_mean", "final_top1_std", "test_top1_at_best_val_mean", "test_top1_at_best_val_std",
+               "best_top1_mean", "best_top1_std"]
     unreadable = pd.DataFrame({"setting": [None, None], "status": ["finished", "unfinished"], "best_top1": [1.0, None]})
     for runs in (pd.DataFrame(), pd.DataFrame({"run_dir": ["x"]}), unreadable):
         table = summarise(runs)
@@ -705,12 +720,12 @@ def test_summarise_lists_settings_by_name_whatever_order_the_runs_come_in():
     assert table["test_top1_at_best_val_mean"].isna().all()  # no run has a validation split
 
 
-def test_the_reported_metrics_are_best_and_final_always_and_the_validation_pick_only_where_measured():
+def test_the_reported_metrics_are_the_final_epoch_first_the_validation_pick_where_measured_the_best_test_epoch_last():
     nothing_finished = summary_of({"setting": "a", "n": 0})
-    assert reported_metrics(nothing_finished) == ["best_top1", "final_top1"]
+    assert reported_metrics(nothing_finished) == ["final_top1", "best_top1"]
     with_validation = summary_of({"setting": "a", "n": 1, "best_top1_mean": 1.0, "final_top1_mean": 1.0},
                                  {"setting": "b", "n": 1, "best_top1_mean": 1.0, "test_top1_at_best_val_mean": 1.0})
-    assert reported_metrics(with_validation) == ["best_top1", "final_top1", "test_top1_at_best_val"]
+    assert reported_metrics(with_validation) == ["final_top1", "test_top1_at_best_val", "best_top1"]
 
 
 def test_the_settings_table_leaves_out_columns_no_setting_fills():
@@ -718,7 +733,7 @@ def test_the_settings_table_leaves_out_columns_no_setting_fills():
                            "final_top1_mean": 89.0})
     table = settings_table(sgd_only)
     assert list(table.columns) == ["setting", "dataset", "model", "optimizer", "base", "lr", "weight_decay", "epochs",
-                                   "batch_size", BEST, FINAL]  # no noise, no rho / sigma / lambda
+                                   "batch_size", FINAL, BEST]  # no noise, no rho / sigma / lambda
     assert table.iloc[0][BEST] == "90.00 (n=1)"
     noisy = summary_of({"setting": "a", "n": 1, "best_top1_mean": 90.0},
                        {"setting": "b", "noise": "symmetric", "noise_ratio": 0.2, "n": 1, "best_top1_mean": 80.0,
@@ -755,8 +770,8 @@ def test_the_paper_layout_is_the_one_written_by_hand():
         ("CIFAR-10", "resnet18"): {
             "SGD": "91.00 ± 1.50 (n=2)",  # most seeds, then the first name: a, not the better b or c
             "SGD published": "90.50 [src], Δ +0.50",
-            "F-SAM": "93.00 (n=1; 1 diverged)", "F-SAM published": "not published",
-            "lookahead": "80.00 (n=1) †", "lookahead published": "not published",
+            "F-SAM": "93.00 (n=1; 1 diverged)", "F-SAM published": "not available",
+            "lookahead": "80.00 (n=1) †", "lookahead published": "not available",
         },
         ("CIFAR-100", "resnet18"): {
             "SGD": "", "SGD published": "",  # no run there: blank
@@ -773,12 +788,46 @@ def test_the_paper_layout_is_the_one_written_by_hand():
     ]
 
 
+def test_the_paper_layouts_numbers_are_one_row_per_cell_with_mean_std_and_n_as_numbers():
+    layout = paper_layout(PAPER, "best_top1", KNOWN)
+    values = layout.values
+    assert list(values.columns) == ["dataset", "model", "method", "setting", "mean", "std", "n", "unfinished",
+                                    "running", "diverged", "short", "published", "published_source", "difference"]
+    # in the table's order: rows by data set and model, then the methods in their order
+    assert values[["dataset", "method", "setting", "n", "unfinished", "running", "diverged", "short"]].to_dict(
+        "split")["data"] == [["CIFAR-10", "SGD", "a", 2, 0, 0, 0, False], ["CIFAR-10", "F-SAM", "f", 1, 0, 0, 1, False],
+                             ["CIFAR-10", "lookahead", "d", 1, 0, 0, 0, True],
+                             ["CIFAR-100", "F-SAM", "e", 0, 1, 1, 0, False]]
+    assert values["mean"].tolist()[:3] == [91.0, 93.0, 80.0] and math.isnan(values["mean"][3])
+    assert values["std"].tolist()[0] == 1.5 and values["std"][1:].isna().all()
+    assert values["published"].tolist()[0] == 90.5 and values["published"][3] == 77.0
+    assert [source if isinstance(source, str) else None for source in values["published_source"]] == [
+        "src", None, None, "pub"]
+    assert values["difference"].tolist()[0] == 0.5 and values["difference"][1:].isna().all()
+    assert all(pd.api.types.is_numeric_dtype(values[column]) for column in
+               ("mean", "std", "n", "unfinished", "running", "diverged", "published", "difference"))
+
+
+def test_every_caption_defines_the_spread_and_says_how_its_numbers_were_chosen():
+    spread = ("mean ± sample standard deviation over the finished seeds (n − 1 denominator; no ± for one seed), "
+              "n finished seeds")
+    assert layout_caption("final_top1").startswith(
+        f"Final-epoch test top-1 (%): the last epoch's test top-1, no epoch is chosen. Cells: {spread}. Published: ")
+    assert layout_caption("best_top1").startswith(f"{BEST[0].upper()}{BEST[1:]}: the highest test top-1 of any "
+                                                  "epoch, so the epoch is chosen on the test set")
+    assert layout_caption("final_top1").endswith("not available where none could be obtained for that setting.")
+    assert settings_caption(["final_top1", "test_top1_at_best_val"]) == (
+        f"Results per setting. Cells: {spread}. Final-epoch test top-1 (%): the last epoch's test top-1, no epoch is "
+        "chosen. Test top-1 at the best validation epoch (%): the test top-1 at the epoch of the best validation "
+        "top-1 (runs with a validation split, dataset.val_split).")
+
+
 def test_the_paper_layout_without_published_numbers_or_without_runs():
     layout = paper_layout(PAPER, "best_top1")
-    assert set(layout.table["SGD published"]) == {"not published", ""}
+    assert set(layout.table["SGD published"]) == {"not available", ""}
     empty = paper_layout(summary_of().iloc[0:0], "final_top1", KNOWN)
     assert empty.metric == "final_top1" and isinstance(empty.table, pd.DataFrame) and empty.table.empty
-    assert empty.notes == []
+    assert empty.notes == [] and empty.values.empty
 
 
 def test_a_published_number_needs_a_table_and_a_metric_it_has():

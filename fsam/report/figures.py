@@ -136,7 +136,7 @@ def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = Fa
     return written, notes
 
 
-def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "final_top1") -> list[Path]:
     """Per data set and model: F-SAM's mean ``metric`` over λ (rows) × σ (columns), each cell annotated with its
     mean and n; drawn where at least two λ or two σ values have finished runs."""
     written: list[Path] = []
@@ -175,7 +175,7 @@ def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "bes
     return written
 
 
-def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "final_top1") -> list[Path]:
     """Per data set, model and noise kind: ``metric`` against the label-noise rate, one line per method (the
     clean runs of the same data set and model are the 0 % point); error bars ± 1 std."""
     written: list[Path] = []
