@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     parser.add_argument("runs", type=Path, help="folder holding run folders (searched recursively), or one run folder")
     parser.add_argument("--out-dir", type=Path, default=RESULTS / "figures")
     parser.add_argument("--metric", default="final_top1", choices=list(METRICS),

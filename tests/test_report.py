@@ -338,6 +338,16 @@ def test_every_figure_is_written_as_png_and_pdf(tmp_path, monkeypatch, capsys):
     assert "curves: left out" in printed  # the λ × σ settings of F-SAM: named, not drawn over each other
 
 
+def test_plot_help_describes_the_script_in_whole_sentences(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_script(monkeypatch, "plot", "--help")
+    assert stopped.value.code == 0
+    description = capsys.readouterr().out.split("\n\n")[1]  # after the usage lines
+    assert " ".join(description.split()).endswith(
+        "accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into "
+        "results/figures/.")
+
+
 def test_plot_draws_the_quick_starts_curves_where_a_new_user_has_them(runs_root, tmp_path, monkeypatch, capsys):
     assert run_script(monkeypatch, "plot", runs_root / "sgd" / "seed1", "--out-dir", tmp_path) == 0, \
         capsys.readouterr().err
