@@ -20,8 +20,9 @@ import pandas as pd
 from fsam.errors import FsamError
 from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    CHOSEN, METHOD_NAMES, METRICS, SPREAD, layout_caption, load_known, paper_layout, reference_table,
-    reported_metrics, row_label, settings_caption, settings_table, summarise, to_latex,
+    CHOSEN, METHOD_ORDER, METRICS, SPREAD, STATES, format_cell, layout_caption, load_known, paper_layout,
+    reference_table, reported_metrics, row_label, setting_labels, settings_caption, settings_numbers, settings_table,
+    summarise, to_latex,
 )
 from fsam.runfolder import write_atomic
 
@@ -78,16 +79,12 @@ def main() -> int:
     print(report)
     print(f"written: {', '.join(sorted(outputs))} in {args.out_dir}")
     if args.wandb:
-        from fsam.report.wandb_upload import BarChart, log_tables
+        from fsam.report.wandb_upload import MeanChart, log_tables
 
-        charts = {f"paper_{metric}": BarChart(bars(summary, metric), "cell", "mean", METRICS[metric])
+        charts = {metric: MeanChart(chart_points(summary, metric), f"{METRICS[metric]} per setting", METRICS[metric])
                   for metric in layouts}
-        finished = summary[summary["n"] > 0]
-        charts["settings"] = BarChart(
-            pd.DataFrame({"setting": finished["setting"], "mean": finished["best_top1_mean"].round(2)}),
-            "setting", "mean", f"{METRICS['best_top1']} per setting",
-        )
-        tables = {"settings": per_setting, **{f"paper_{m}": layout.table for m, layout in layouts.items()}}
+        tables = {"settings": settings_numbers(summary),
+                  **{f"paper_{metric}": with_cells(layout.values) for metric, layout in layouts.items()}}
         folder = log_tables(tables, charts, project=args.wandb_project, entity=args.wandb_entity,
                             mode=args.wandb_mode, folder=args.out_dir, name="tables")
         print(f"wandb: tables and charts logged in {folder}")
@@ -99,12 +96,28 @@ def markdown(table: pd.DataFrame) -> str:
     return table.reset_index().to_markdown(index=False) if not table.empty else "(no runs)"
 
 
-def bars(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One bar per setting with finished runs: ``data set / model / method`` and the mean."""
-    finished = summary[summary["n"] > 0]
-    labels = [" / ".join([*row_label(row), METHOD_NAMES.get(row["optimizer"], row["optimizer"])])
-              for _, row in finished.iterrows()]
-    return pd.DataFrame({"cell": labels, "mean": finished[f"{metric}_mean"].round(2).to_list()})
+def chart_points(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per setting with a finished value of ``metric``, in the tables' order (data set, model, method): a
+    label no other row has (``data set / model / method``, plus what differs between settings of one cell), the
+    method, the setting, and the mean, std and n as computed, never rounded."""
+    finished = summary[(summary["n"] > 0) & summary[f"{metric}_mean"].notna()]
+    order = {method: position for position, method in enumerate(METHOD_ORDER)}
+    rows = []
+    for cell, group in finished.groupby(finished.apply(row_label, axis=1) if len(finished) else []):
+        for setting, label in setting_labels(group).items():
+            row = group[group["setting"] == setting].iloc[0]
+            rows.append(((cell, order.get(row["optimizer"], len(order)), label), {
+                "label": " / ".join([*cell, label]), "method": row["optimizer"], "setting": setting,
+                "mean": row[f"{metric}_mean"], "std": row[f"{metric}_std"], "n": int(row["n"])}))
+    return pd.DataFrame([row for _, row in sorted(rows, key=lambda item: item[0])],
+                        columns=["label", "method", "setting", "mean", "std", "n"])
+
+
+def with_cells(values: pd.DataFrame) -> pd.DataFrame:
+    """A paper layout's numbers (one row per cell) with each cell beside them as the Markdown table writes it."""
+    cells = [format_cell(row["mean"], row["std"], int(row["n"]), {state: int(row[state]) for state in STATES},
+                         bool(row["short"])) for _, row in values.iterrows()]
+    return values.assign(cell=cells)[["dataset", "model", "method", "setting", "cell", *values.columns[4:]]]
 
 
 def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts: dict, seeds: int | None) -> str:

@@ -280,7 +280,8 @@ def test_the_latex_tables_are_booktabs_and_well_formed(generated, tmp_path, monk
             assert compiled.returncode == 0, compiled.stdout[-2000:]
 
 
-def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path, monkeypatch, capsys):
+def test_make_tables_logs_the_tables_to_wandb_offline_with_their_numbers_as_numbers(generated, tmp_path, monkeypatch,
+                                                                                    capsys):
     out = tmp_path / "t"
     status = run_script(monkeypatch, "make_tables", generated, "--out-dir", out, "--wandb", "--wandb-mode", "offline")
     assert status == 0, capsys.readouterr().err
@@ -288,16 +289,55 @@ def test_make_tables_logs_the_tables_to_wandb_offline(generated, tmp_path, monke
     record = read_run(run_folder)
     assert record["run"].job_type == "report"
     logged = record["history"][0]
-    for key in ("tables/settings", "tables/paper_best_top1", "tables/paper_final_top1", "charts/settings_table",
-                "charts/paper_best_top1_table", "charts/paper_final_top1_table"):
-        assert logged[f"{key}/_type"] == "table-file", key
+    assert {key: value for key, value in logged.items() if key.endswith("/_type")} == {
+        **{f"tables/{name}/_type": "table-file" for name in ("settings", "paper_final_top1", "paper_best_top1")},
+        **{f"charts/{name}_table/_type": "table-file" for name in ("final_top1", "best_top1")},
+        **{f"charts/{name}/_type": "image-file" for name in ("final_top1", "best_top1")}}
     table = json.loads((run_folder / "files" / logged["tables/settings/path"]).read_text())
-    column = table["columns"].index("test top-1 at the best test epoch (%; diagnostic: chosen on the test set)")
-    assert sorted(row[column] for row in table["data"]) == [
-        "91.00 ± 1.41 (n=2)", "94.00 ± 1.41 (n=2; 1 diverged)", "96.00 (n=1)", "— (n=0; 1 unfinished; 1 running)"
-    ]
-    chart = json.loads((run_folder / "files" / logged["charts/paper_best_top1_table/path"]).read_text())
-    assert chart["columns"] == ["cell", "mean"] and sorted(row[1] for row in chart["data"]) == [91.0, 94.0, 96.0]
+    named = [dict(zip(table["columns"], row)) for row in table["data"]]
+    rows = {(row["optimizer"], row["lr"]): row for row in named}
+    sgd = rows[("sgd", 0.1)]  # the learning rate a number, not "0.1"
+    assert (sgd["final-epoch test top-1 (%)"], sgd["final_top1_mean"], sgd["n"]) == ("90.50 ± 0.71 (n=2)", 90.5, 2)
+    assert sgd["final_top1_std"] == pytest.approx(0.5 ** 0.5) and sgd["best_top1_mean"] == 91.0
+    assert math.isnan(sgd["rho"]) and rows[("fsam", 0.1)]["rho"] == 0.2  # SGD reads no rho: empty, not ""
+    assert (rows[("fsam", 0.1)]["n"], rows[("fsam", 0.1)]["diverged"]) == (2, 1)
+    paper = json.loads((run_folder / "files" / logged["tables/paper_final_top1/path"]).read_text())
+    cells = [dict(zip(paper["columns"], row)) for row in paper["data"]]
+    assert [c["method"] for c in cells] == ["SGD", "SAM", "F-SAM"]
+    assert (cells[0]["cell"], cells[0]["mean"], cells[0]["n"]) == ("90.50 ± 0.71 (n=2)", 90.5, 2)
+    assert (cells[1]["cell"], cells[1]["n"], cells[1]["running"]) == ("— (n=0; 1 unfinished; 1 running)", 0, 1)
+    assert math.isnan(cells[1]["mean"])
+    assert (cells[2]["cell"], cells[2]["mean"], cells[2]["diverged"]) == ("93.00 ± 1.41 (n=2; 1 diverged)", 93.0, 1)
+
+
+def test_the_wandb_charts_show_every_setting_under_its_own_label_with_its_unrounded_mean_and_spread(
+        tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    finals = {(0.3, 0.5): [90.0, 90.5], (0.3, 1.5): [91.3], (0.9, 0.5): [92.7], (0.9, 1.5): [93.1]}
+    for (lmbda, sigma), values in finals.items():
+        for seed, final in enumerate(values, start=1):
+            write_run(root, f"fsam-{lmbda}-{sigma}/seed{seed}", method="fsam", lmbda=lmbda, sigma=sigma, seed=seed,
+                      top1=[50.0, final])
+    # two settings that differ only in the SGD base's momentum, which no label names
+    write_run(root, "sgd-a/seed1", top1=[50.0, 80.4])
+    write_run(root, "sgd-b/seed1", top1=[50.0, 81.6], optimizer={"momentum": 0.8})
+    out = tmp_path / "t"
+    assert run_script(monkeypatch, "make_tables", root, "--out-dir", out, "--wandb", "--wandb-mode", "offline") == 0
+    (run_folder,) = (out / "wandb").glob("offline-run-*")
+    logged = read_run(run_folder)["history"][0]
+    chart = json.loads((run_folder / "files" / logged["charts/final_top1_table/path"]).read_text())
+    points = [dict(zip(chart["columns"], row)) for row in chart["data"]]
+    digests = {point["mean"]: point["setting"][-12:] for point in points if point["method"] == "sgd"}
+    assert [(point["label"], point["mean"], point["n"]) for point in points] == [
+        *sorted([(f"CIFAR-10 / resnet18 / SGD [{digests[80.4]}]", 80.4, 1),
+                 (f"CIFAR-10 / resnet18 / SGD [{digests[81.6]}]", 81.6, 1)]),
+        ("CIFAR-10 / resnet18 / F-SAM (σ 0.5, λ 0.3)", 90.25, 2),  # never rounded to a whole percent
+        ("CIFAR-10 / resnet18 / F-SAM (σ 0.5, λ 0.9)", 92.7, 1),
+        ("CIFAR-10 / resnet18 / F-SAM (σ 1.5, λ 0.3)", 91.3, 1),
+        ("CIFAR-10 / resnet18 / F-SAM (σ 1.5, λ 0.9)", 93.1, 1)]
+    assert points[2]["std"] == pytest.approx(0.5 ** 0.5 / 2) and all(math.isnan(p["std"]) for p in points[3:])
+    image = run_folder / "files" / logged["charts/final_top1/path"]
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_backfill_sends_a_finished_run_to_wandb_as_the_run_it_was(generated, monkeypatch, capsys):

@@ -28,9 +28,9 @@ from fsam.report import load_runs
 from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
     format_cell, layout_caption, paper_layout, published_value, reference_table, reported_metrics, row_label,
-    settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
+    setting_labels, settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
 )
-from fsam.report.wandb_upload import BarChart, _plain, backfill, log_tables
+from fsam.report.wandb_upload import MeanChart, _plain, backfill, log_tables
 from fsam.runfolder import RunFolder
 from reportgen import run_script, write_run
 from wandb_records import read_run
@@ -342,7 +342,7 @@ def test_one_setting_per_method_counts_only_finished_seeds_then_takes_the_first_
         for setting in (unfinished_sgd, fsam_settings[1]))
 
 
-def test_legend_labels_name_only_what_differs_between_settings_of_a_method():
+def test_labels_name_only_what_differs_between_settings_of_a_method():
     settings = pd.DataFrame([
         {"setting": "f1", "optimizer": "fsam", "lr": 0.1, "weight_decay": 5e-4, "rho": 0.2, "sigma": 1.0,
          "lmbda": 0.3, "epochs": 200, "batch_size": 128, "base": "sgd"},
@@ -353,12 +353,23 @@ def test_legend_labels_name_only_what_differs_between_settings_of_a_method():
         {"setting": "x1", "optimizer": "lookahead", "lr": 0.1, "weight_decay": 5e-4, "rho": None, "sigma": None,
          "lmbda": None, "epochs": 200, "batch_size": 128, "base": "sgd"},
     ])
-    assert figures._labels(settings) == {
+    assert setting_labels(settings) == {
         "f1": "F-SAM (σ 1, λ 0.3, epochs 200, base sgd)",  # numbers written short (:g), names as they are
         "f2": "F-SAM (σ 0.5, λ 0.9, epochs 100, base adamw)",
         "s1": "SGD",
         "x1": "lookahead",  # a method without a display name keeps its own
     }
+
+
+def test_settings_that_differ_only_in_what_labels_leave_out_are_told_apart_by_their_digest():
+    alike = {"optimizer": "fsam", "lr": 0.1, "weight_decay": 5e-4, "rho": 0.2, "sigma": 1.0, "lmbda": 0.6,
+             "epochs": 200, "batch_size": 128, "base": "sgd"}  # they differ in, say, the augmentation
+    settings = pd.DataFrame([{"setting": "cifar10-resnet18-fsam-0123456789ab", **alike},
+                             {"setting": "cifar10-resnet18-fsam-ba9876543210", **alike},
+                             {"setting": "cifar10-resnet18-fsam-ffffffffffff", **alike, "lmbda": 0.9}])
+    assert setting_labels(settings) == {"cifar10-resnet18-fsam-0123456789ab": "F-SAM (λ 0.6) [0123456789ab]",
+                                        "cifar10-resnet18-fsam-ba9876543210": "F-SAM (λ 0.6) [ba9876543210]",
+                                        "cifar10-resnet18-fsam-ffffffffffff": "F-SAM (λ 0.9)"}
 
 
 # ------------------------------------------------------------------------------------------------ λ × σ heatmap
@@ -1082,15 +1093,16 @@ def table_file(run_folder: Path, logged: dict, key: str) -> dict:
     return json.loads((run_folder / "files" / logged[f"{key}/path"]).read_text())
 
 
-def test_log_tables_stores_each_table_and_bar_chart_in_one_report_run(tmp_path, monkeypatch, capfd):
+def test_log_tables_stores_each_table_and_chart_in_one_report_run(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the mode asked for wins over the environment's
     monkeypatch.delenv("WANDB_SILENT")  # quiet by its own settings
     paper = pd.DataFrame({"SGD": pd.Series(["91.00 (n=1)", None], dtype=object), 5: [1.5, 2.5]}).set_axis(
         pd.MultiIndex.from_tuples([("CIFAR-10", "r18"), ("CIFAR-100", "r18")], names=["data set", "model"]))
-    plain = pd.DataFrame({"setting": ["s1"], "n": [2]})
-    bars = pd.DataFrame({"cell": ["a", "b", "c"], "mean": [91.0, None, 93.0], "other": [1, 2, 3]})
+    plain = pd.DataFrame({"setting": ["s1"], "lr": [0.1], "n": [2]})
+    points = pd.DataFrame({"label": ["a", "b", "c"], "method": ["sgd", "sam", "fsam"], "setting": ["s1", "s2", "s3"],
+                           "mean": [91.25, None, 93.5], "std": [0.5, None, None], "n": [2, 0, 1]})
     folder = tmp_path / "new" / "out"
-    where = log_tables({"paper": paper, "plain": plain}, {"bars": BarChart(bars, "cell", "mean", "Top-1")},
+    where = log_tables({"paper": paper, "plain": plain}, {"top1": MeanChart(points, "Top-1", "top-1 (%)")},
                        project="proj", entity="ent", mode="offline", folder=folder, name="my-tables")
     run_folder = offline_run(folder)
     assert where == str(run_folder)
@@ -1100,18 +1112,52 @@ def test_log_tables_stores_each_table_and_bar_chart_in_one_report_run(tmp_path, 
     run = record["run"]
     assert (run.project, run.entity, run.job_type, run.display_name) == ("proj", "ent", "report", "my-tables")
     (logged,) = record["history"]
-    assert {key for key in logged if key.endswith("/_type")} == {
-        "tables/paper/_type", "tables/plain/_type", "charts/bars_table/_type"}
+    assert {key: value for key, value in logged.items() if key.endswith("/_type")} == {
+        "tables/paper/_type": "table-file", "tables/plain/_type": "table-file", "charts/top1/_type": "image-file",
+        "charts/top1_table/_type": "table-file"}
     paper_table = table_file(run_folder, logged, "tables/paper")
     assert paper_table["columns"] == ["data set", "model", "SGD", "5"]
     assert paper_table["data"] == [["CIFAR-10", "r18", "91.00 (n=1)", 1.5], ["CIFAR-100", "r18", "", 2.5]]
-    assert table_file(run_folder, logged, "tables/plain") == {**table_file(run_folder, logged, "tables/plain"),
-                                                              "columns": ["setting", "n"], "data": [["s1", 2]]}
-    chart = table_file(run_folder, logged, "charts/bars_table")
-    assert chart["columns"] == ["cell", "mean"] and chart["data"] == [["a", 91.0], ["c", 93.0]]  # no empty bar
-    panel = record["config"]["_wandb/visualize/charts/bars"]["panel_config"]
-    assert panel["fieldSettings"] == {"label": "cell", "value": "mean"} and panel["stringSettings"] == {"title": "Top-1"}
+    plain_table = table_file(run_folder, logged, "tables/plain")
+    assert (plain_table["columns"], plain_table["data"]) == (["setting", "lr", "n"], [["s1", 0.1, 2]])
+    chart = table_file(run_folder, logged, "charts/top1_table")
+    assert chart["columns"] == ["label", "method", "setting", "mean", "std", "n"]
+    assert chart["data"][0] == ["a", "sgd", "s1", 91.25, 0.5, 2] and chart["data"][1][:4] == ["c", "fsam", "s3", 93.5]
+    assert len(chart["data"]) == 2 and math.isnan(chart["data"][1][4])  # no point without a mean
+    image = run_folder / "files" / logged["charts/top1/path"]
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (logged["charts/top1/width"], logged["charts/top1/height"]) == (800, 230)  # two rows: 8 x (0.4 x 2 + 1.5) in
+    assert not plt.get_fignums()  # drawn, logged and closed
     assert not (run_folder / "files" / "output.log").exists()  # the console is not captured
+
+
+def sideways_error_bars(axis) -> list[tuple[str, str, list[tuple[float, float]], list[float]]]:
+    """Per errorbar call with horizontal bars: colour, marker, points and the half-length of each bar."""
+    found = []
+    for container in axis.containers:
+        line, _, (bars,) = container.lines
+        half = [round((segment[1][0] - segment[0][0]) / 2, 6) for segment in bars.get_segments()]
+        found.append((line.get_color(), line.get_marker(), [(float(x), float(y)) for x, y in line.get_xydata()], half))
+    return found
+
+
+def test_a_mean_chart_draws_each_unrounded_mean_with_an_error_bar_of_one_std_in_its_methods_colour():
+    points = pd.DataFrame({"label": ["CIFAR-10 / r18 / SGD", "CIFAR-10 / r18 / F-SAM (λ 0.3)", "x / newmethod"],
+                           "method": ["sgd", "fsam", "newmethod"], "setting": ["a", "b", "c"],
+                           "mean": [91.254, 93.5, 40.0], "std": [0.5, math.nan, 2.125], "n": [2, 1, 3]})
+    figure = figures.mean_chart(points, "Final top-1 per setting", "final-epoch test top-1 (%)")
+    axis = figure.axes[0]
+    # top to bottom in the frame's order: the first row at the highest position
+    assert sideways_error_bars(axis) == [(SGD, "o", [(91.254, 2.0)], [0.5]),
+                                         (FSAM, "o", [(93.5, 1.0)], [0.0]),  # one seed: no spread
+                                         ("black", "o", [(40.0, 0.0)], [2.125])]
+    assert {tick: label.get_text() for tick, label in zip(axis.get_yticks(), axis.get_yticklabels())} == {
+        2: "CIFAR-10 / r18 / SGD: 91.25 ± 0.50 (n=2)", 1: "CIFAR-10 / r18 / F-SAM (λ 0.3): 93.50 (n=1)",
+        0: "x / newmethod: 40.00 ± 2.12 (n=3)"}
+    assert axis.get_xlabel() == "final-epoch test top-1 (%)"
+    assert figure.get_suptitle() == ("Final top-1 per setting\nmean over seeds, bars ± 1 sample standard deviation "
+                                     "(n − 1)")
+    plt.close(figure)
 
 
 def test_log_tables_defaults_to_a_run_named_tables_here_in_the_environments_mode(tmp_path, monkeypatch):

@@ -13,11 +13,14 @@ over seeds (n − 1 denominator).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from fsam.runfolder import DIGEST_LENGTH
 
 # The epoch a figure comes from, headline first: the last (nothing chosen), the best by validation accuracy (runs
 # with dataset.val_split only: chosen without the test split), and the best by test accuracy, as the paper reports,
@@ -47,6 +50,9 @@ PAPER_DATASETS = ["cifar10", "cifar100"]
 PAPER_METHODS = ["sgd", "sam", "fsam"]
 # Columns of known-results.csv that, where filled, must match the setting for a published number to apply.
 KNOWN_MATCH = {"rho": "rho", "lambda": "lmbda", "sigma": "sigma", "epochs": "epochs", "batch": "batch_size"}
+# What may tell two settings of one method apart in a label, in the order it is named, and how it is written.
+VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
+                "batch_size": "batch", "base": "base"}
 
 
 def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataFrame:
@@ -70,6 +76,22 @@ def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataF
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) >= 2 else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def setting_labels(settings: pd.DataFrame) -> dict[str, str]:
+    """A label per setting: the method's name, plus the values that differ between settings of it; where those do
+    not tell two settings apart (they differ in a key not shown, such as the augmentation), the end of the setting's
+    name (its digest) is added to each of them."""
+    labels = {}
+    for method, group in settings.groupby("optimizer"):
+        varying = [key for key in VARIANT_KEYS if key in group and group[key].nunique(dropna=False) > 1]
+        for _, row in group.iterrows():
+            extra = ", ".join(f"{VARIANT_KEYS[key]} {row[key]:g}" if isinstance(row[key], float)
+                              else f"{VARIANT_KEYS[key]} {row[key]}" for key in varying)
+            labels[row["setting"]] = METHOD_NAMES.get(method, method) + (f" ({extra})" if extra else "")
+    alike = Counter(labels.values())
+    return {setting: label if alike[label] == 1 else f"{label} [{setting[-DIGEST_LENGTH:]}]"
+            for setting, label in labels.items()}
 
 
 def format_cell(mean: float, std: float, n: int, counts: dict[str, int] | None = None, short: bool = False) -> str:
@@ -203,6 +225,18 @@ def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
         table = table.drop(columns=["noise", "noise_ratio"])
     table = table.dropna(axis="columns", how="all")
     return table.astype(object).where(table.notna(), "")  # a key the method does not read is blank, not "nan"
+
+
+def settings_numbers(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-setting table with its numbers as numbers, to sort and plot (the wandb report): the columns of
+    :func:`settings_table` (a hyperparameter the method does not read is empty, not ""), beside each formatted cell
+    its mean and std, then n and the counts of the runs not averaged."""
+    formatted = settings_table(summary)
+    table = summary[[column for column in formatted if column in summary]].copy()
+    for metric in reported_metrics(summary):
+        table[METRICS[metric]] = formatted[METRICS[metric]]
+        table[f"{metric}_mean"], table[f"{metric}_std"] = summary[f"{metric}_mean"], summary[f"{metric}_std"]
+    return table.join(summary[["n", *STATES]])
 
 
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
