@@ -80,6 +80,7 @@ def main() -> int:
     print(f"written: {', '.join(sorted(outputs))} in {args.out_dir}")
     if args.wandb:
         from fsam.report.wandb_upload import MeanChart, log_tables
+        from fsam.wandbio import is_offline_run, offline_note
 
         charts = {metric: MeanChart(chart_points(summary, metric), f"{METRICS[metric]} per setting", METRICS[metric])
                   for metric in layouts}
@@ -87,7 +88,8 @@ def main() -> int:
                   **{f"paper_{metric}": with_cells(layout.values) for metric, layout in layouts.items()}}
         folder = log_tables(tables, charts, project=args.wandb_project, entity=args.wandb_entity,
                             mode=args.wandb_mode, folder=args.out_dir, name="tables")
-        print(f"wandb: tables and charts logged in {folder}")
+        print(offline_note("tables and charts", [folder]) if is_offline_run(folder)
+              else f"wandb: tables and charts logged in {folder}")
     return 0
 
 

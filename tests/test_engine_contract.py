@@ -1402,6 +1402,27 @@ def test_finish_sends_the_summary_without_empty_values_and_the_exit_code():
     assert (second.summary, second.exit_codes) == ({}, [1])
 
 
+def test_a_finished_offline_run_says_where_it_is_and_the_command_that_uploads_every_launch(monkeypatch, tmp_path,
+                                                                                             capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb())
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", None))
+    launches = [tmp_path / "run" / "wandb" / f"offline-run-2026010{day}_000000-abc" for day in (2, 1)]
+    for folder in [*launches, tmp_path / "run" / "wandb" / "offline-run-20260103_000000-other"]:
+        folder.mkdir(parents=True)
+    for failed in (True, False):
+        mirror = WandbMirror(logger(), str(tmp_path / "run"), "abc")
+        mirror.start({}, resumed=True)
+        mirror.finish({"a": 1}, failed=failed)
+    first, second = sorted(launches)
+    assert capsys.readouterr().out == (f"wandb: the run logged offline to {first}, {second}; upload with: wandb sync "
+                                       f"{first} {second}\n")  # once: not for the failed launch
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("online", None))
+    online = WandbMirror(logger(), str(tmp_path / "run"), "abc")
+    online.start({}, resumed=True)
+    online.finish({"a": 1})
+    assert capsys.readouterr().out == ""
+
+
 def test_a_failing_finish_warns_and_is_not_retried(capsys):
     class FailingFinish(FakeWandbRun):
         def finish(self, exit_code=0):

@@ -286,6 +286,8 @@ def test_make_tables_logs_the_tables_to_wandb_offline_with_their_numbers_as_numb
     status = run_script(monkeypatch, "make_tables", generated, "--out-dir", out, "--wandb", "--wandb-mode", "offline")
     assert status == 0, capsys.readouterr().err
     (run_folder,) = (out / "wandb").glob("offline-run-*")
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wandb: tables and charts logged offline to {run_folder}; upload with: wandb sync {run_folder}")
     record = read_run(run_folder)
     assert record["run"].job_type == "report"
     logged = record["history"][0]
