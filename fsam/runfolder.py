@@ -70,7 +70,7 @@ FREE_KEYS = (
     "trainer.channels_last",           # memory layout
     "trainer.compile",                 # torch.compile of the same model
     "trainer.eval_batch_size",         # evaluation in eval mode: the batch size does not change the model
-    "trainer.log_every",               # progress-bar and wandb cadence
+    "trainer.log_every",               # progress-bar and wandb cadence (logging only reads the loss)
     "trainer.checkpoint_every_steps",  # checkpoint cadence
     "trainer.full_grad_analysis_every",  # measures F-SAM's EMA against the full gradient; changes no weight
 )

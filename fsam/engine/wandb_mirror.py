@@ -1,7 +1,8 @@
 """A live view of the run in Weights & Biases; the run folder stays the record.
 
 The mirror gets the checked config (with the run's identity), the training loss and learning rate every
-``trainer.log_every`` steps (``train/loss``, ``train/lr``), each epoch's metrics row under ``train/``, ``test/`` and
+``trainer.log_every`` steps or more often in a short run, and at each epoch's last step (``train/loss``,
+``train/lr``; ``fsam.engine.loop.STEP_POINTS``), each epoch's metrics row under ``train/``, ``test/`` and
 ``time/`` (:data:`EPOCH_KEYS`), the whole summary (nested values kept) and the console output. Logging never stops training: if wandb is missing or any call fails, one warning is printed and the
 mirror turns itself off. ``mode: online`` and ``auto`` go online only with an API key (``WANDB_API_KEY`` or a netrc entry)
 and a reachable server; otherwise (one warning) the run is written offline under ``<run_dir>/wandb/`` and can be
