@@ -1206,11 +1206,15 @@ def test_backfill_logs_each_finished_run_as_the_run_it_was_and_skips_the_others(
     unidentified = write_run(root, "d-old/seed1")
     (unidentified / "config.yaml").write_text((unidentified / "config.yaml").read_text().replace(
         "  name: sgd\n", "  name: lookahead\n"))
-    logged = backfill([unfinished, first, no_config, unidentified, second], project="proj", entity="ent")
+    edited = write_run(root, "e-edited/seed1")
+    edit_yaml(edited / "config.yaml", lambda record: record["optimizer"].update(lr=0.5))
+    logged = backfill([unfinished, first, no_config, unidentified, edited, second], project="proj", entity="ent")
     assert logged == [str(first), str(second)]
     assert capsys.readouterr().err.splitlines() == [
-        f"skipped: {path} is not a finished run folder" for path in (unfinished, no_config, unidentified)]
-    for skipped in (unfinished, no_config, unidentified):
+        *(f"skipped: {path} is not a finished run folder" for path in (unfinished, no_config, unidentified)),
+        f"skipped: {edited} is damaged: {RunFolder(edited).problem()}"]
+    assert "config.yaml computes setting" in RunFolder(edited).problem()
+    for skipped in (unfinished, no_config, unidentified, edited):
         assert not (skipped / "wandb").exists()
     setting = json.loads((first / "summary.json").read_text())["setting"]
     record = read_run(offline_run(first))

@@ -87,7 +87,8 @@ def backfill(run_dirs: Iterable[str | Path], *, project: str, entity: str | None
     """Log each finished run folder to wandb from its records: config and identity, every epoch's metrics at its
     step, the summary; named and grouped like a live run (``<setting>-seed<N>`` in group ``<setting>``) and under
     the wandb id the run had (``summary.json``), so a run logged live is continued rather than duplicated.
-    Returns the run folders logged; unfinished ones are skipped with a note."""
+    Returns the run folders logged; unfinished and damaged ones (:meth:`fsam.runfolder.RunFolder.problem`) are
+    skipped with a note."""
     logged = []
     for run_dir in run_dirs:
         folder = RunFolder(run_dir)
@@ -95,6 +96,10 @@ def backfill(run_dirs: Iterable[str | Path], *, project: str, entity: str | None
         config, identity = folder.read_config()
         if summary is None or config is None or identity is None:
             print(f"skipped: {folder.path} is not a finished run folder", file=sys.stderr)
+            continue
+        problem = folder.problem()
+        if problem is not None:
+            print(f"skipped: {folder.path} is damaged: {problem}", file=sys.stderr)
             continue
         run = _init(
             mode, project=project, entity=entity, job_type="train", dir=str(folder.path),
