@@ -50,7 +50,7 @@ from fsam.names import MODEL_DEFAULTS
 # Bumped whenever what goes into the digest changes; old folders then keep their names and are told apart.
 IDENTITY_VERSION = 1
 DIGEST_LENGTH = 12  # hex digits in the folder name: 48 bits, no collision in any realistic number of settings
-# An identity-named run folder, <setting name>/seed<N>, and the digest that ends a setting name.
+# The digest that ends a setting name, and an identity-named run folder: <setting name>/seed<N>.
 NAMED_SETTING = re.compile(rf"-(?P<digest>[0-9a-f]{{{DIGEST_LENGTH}}})$")
 NAMED_FOLDER = re.compile(rf"[^/]+-(?P<digest>[0-9a-f]{{{DIGEST_LENGTH}}})/seed(?P<seed>\d+)")
 
@@ -561,9 +561,9 @@ class RunFolder:
 
         Every folder needs a config.yaml that parses and checks, and that config must compute the setting (digest)
         and seed the run trained: the ones its recorded identity, its folder name (``<setting name>/seed<N>``)
-        and its summary carry. A config edited after the run fails this. A finished run also needs a summary.json and a
-        metrics.jsonl that parse, the latter holding every epoch the config trains, 1 to N. Folders from before
-        identities carry no digest and are checked on their records alone; a folder written under another
+        and its summary carry. A config edited after the run fails this. A finished run also needs a summary.json
+        and a metrics.jsonl that parse, the latter holding every epoch the config trains, 1 to N. Folders from
+        before identities carry no digest and are checked on their records alone; a folder written under another
         identity version carries a digest this version cannot recompute, so only its records are checked.
         """
         record, unreadable = self._config_record()

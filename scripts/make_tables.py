@@ -102,24 +102,26 @@ def chart_points(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per setting with a finished value of ``metric``, in the tables' order (data set, model, method): a
     label no other row has (``data set / model / method``, plus what differs between settings of one cell), the
     method, the setting, and the mean, std and n as computed, never rounded."""
+    columns = ["label", "method", "setting", "mean", "std", "n"]
     finished = summary[(summary["n"] > 0) & summary[f"{metric}_mean"].notna()]
     order = {method: position for position, method in enumerate(METHOD_ORDER)}
     rows = []
-    for cell, group in finished.groupby(finished.apply(row_label, axis=1) if len(finished) else []):
+    for cell, group in finished.groupby(finished.apply(row_label, axis=1)):
         for setting, label in setting_labels(group).items():
             row = group[group["setting"] == setting].iloc[0]
             rows.append(((cell, order.get(row["optimizer"], len(order)), label), {
                 "label": " / ".join([*cell, label]), "method": row["optimizer"], "setting": setting,
                 "mean": row[f"{metric}_mean"], "std": row[f"{metric}_std"], "n": int(row["n"])}))
-    return pd.DataFrame([row for _, row in sorted(rows, key=lambda item: item[0])],
-                        columns=["label", "method", "setting", "mean", "std", "n"])
+    return pd.DataFrame([row for _, row in sorted(rows, key=lambda item: item[0])], columns=columns)
 
 
 def with_cells(values: pd.DataFrame) -> pd.DataFrame:
     """A paper layout's numbers (one row per cell) with each cell beside them as the Markdown table writes it."""
     cells = [format_cell(row["mean"], row["std"], int(row["n"]), {state: int(row[state]) for state in STATES},
                          bool(row["short"])) for _, row in values.iterrows()]
-    return values.assign(cell=cells)[["dataset", "model", "method", "setting", "cell", *values.columns[4:]]]
+    table = values.copy()
+    table.insert(table.columns.get_loc("setting") + 1, "cell", cells)
+    return table
 
 
 def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts: dict, seeds: int | None) -> str:
