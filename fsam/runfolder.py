@@ -50,6 +50,9 @@ from fsam.names import MODEL_DEFAULTS
 # Bumped whenever what goes into the digest changes; old folders then keep their names and are told apart.
 IDENTITY_VERSION = 1
 DIGEST_LENGTH = 12  # hex digits in the folder name: 48 bits, no collision in any realistic number of settings
+# The digest that ends a setting name, and an identity-named run folder: <setting name>/seed<N>.
+NAMED_SETTING = re.compile(rf"-(?P<digest>[0-9a-f]{{{DIGEST_LENGTH}}})$")
+NAMED_FOLDER = re.compile(rf"[^/]+-(?P<digest>[0-9a-f]{{{DIGEST_LENGTH}}})/seed(?P<seed>\d+)")
 
 # Keys that do not change what a run computes: they are left out of its setting, and a relaunch may change them
 # and still continue the run. Everything else (trainer.epochs included: the cosine schedule depends on it) is part
@@ -67,7 +70,7 @@ FREE_KEYS = (
     "trainer.channels_last",           # memory layout
     "trainer.compile",                 # torch.compile of the same model
     "trainer.eval_batch_size",         # evaluation in eval mode: the batch size does not change the model
-    "trainer.log_every",               # progress-bar and wandb cadence
+    "trainer.log_every",               # progress-bar and wandb cadence (logging only reads the loss)
     "trainer.checkpoint_every_steps",  # checkpoint cadence
     "trainer.full_grad_analysis_every",  # measures F-SAM's EMA against the full gradient; changes no weight
 )
@@ -557,13 +560,11 @@ class RunFolder:
         The identity's ``setting`` and ``digest`` are computed afresh from the config (with the recorded number of
         processes), so folders written before identities existed, or under an older identity version, group with
         new runs of the same setting; the rest (the model as built) is as recorded. ``identity`` is None when the
-        config no longer passes the schema.
+        config no longer passes the schema. Whether the config is still the one the run trained with is
+        :meth:`problem`'s question.
         """
-        try:
-            record = yaml.safe_load(self.config.read_text())
-        except (OSError, yaml.YAMLError):
-            return None, None
-        if not isinstance(record, dict):
+        record, _ = self._config_record()
+        if record is None:
             return None, None
         recorded = record.pop("identity", None) or {}
         try:
@@ -576,6 +577,98 @@ class RunFolder:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics)
+
+    def problem(self) -> str | None:
+        """Why this folder's records cannot be trusted, in a few words; None when they can.
+
+        Every folder needs a config.yaml that parses and checks, and that config must compute the setting (digest)
+        and seed the run trained: the ones its recorded identity, its folder name (``<setting name>/seed<N>``)
+        and its summary carry. A config edited after the run fails this. A finished run also needs a summary.json
+        and a metrics.jsonl that parse, the latter holding every epoch the config trains, 1 to N. Folders from
+        before identities carry no digest and are checked on their records alone; a folder written under another
+        identity version carries a digest this version cannot recompute, so only its records are checked.
+        """
+        record, unreadable = self._config_record()
+        if record is None:
+            return unreadable
+        recorded = record.pop("identity", None) or {}
+        try:
+            key = setting(record, processes=recorded.get("processes", 1))
+            seed = seed_of(record)
+        except FsamError as error:
+            return f"config.yaml does not check ({error})"
+        summary = None
+        if self.summary.exists():
+            summary = read_json(self.summary)
+            if summary is None:
+                return "summary.json is not a JSON object (cut short or edited)"
+        if recorded.get("identity_version", IDENTITY_VERSION) == IDENTITY_VERSION:
+            digests, seeds = self._carried_identity(recorded, summary)
+            computed = digest(key)
+            wrong = _by_value({where: value for where, value in digests.items()
+                               if value not in (computed, computed[:DIGEST_LENGTH])})
+            if wrong:
+                return f"config.yaml computes setting {computed[:DIGEST_LENGTH]}, but {wrong} (edited after the run)"
+            wrong = _by_value({where: value for where, value in seeds.items() if value != seed})
+            if wrong:
+                return f"config.yaml has seed {seed}, but {wrong} (edited after the run)"
+        if summary is not None:
+            return self._metrics_problem(key["trainer"]["epochs"])
+        return None
+
+    def _config_record(self) -> tuple[dict[str, Any] | None, str | None]:
+        """config.yaml as parsed, or None and why it cannot be."""
+        if not self.config.exists():
+            return None, "no config.yaml"
+        try:
+            record = yaml.safe_load(self.config.read_text())
+        except OSError as error:
+            return None, f"config.yaml cannot be read ({error.strerror})"
+        except yaml.YAMLError:
+            return None, "config.yaml is not valid YAML (cut short or edited)"
+        if not isinstance(record, dict):
+            return None, "config.yaml holds no config"
+        return record, None
+
+    def _carried_identity(
+        self, recorded: Mapping[str, Any], summary: Mapping[str, Any] | None
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """The digests (whole, or a setting name's 12 hex digits) and the seeds this folder's records carry, each
+        under where it is carried: config.yaml's identity, the folder name, summary.json."""
+        digests: dict[str, str] = {}
+        seeds: dict[str, Any] = {}
+        if recorded.get("digest"):
+            digests["its recorded identity"] = str(recorded["digest"])
+        if "seed" in recorded:
+            seeds["its recorded identity"] = recorded["seed"]
+        named = NAMED_FOLDER.fullmatch(f"{self.path.parent.name}/{self.path.name}")
+        if named:  # folders from before identities (<experiment>/<overrides>/seed<N>) have no digest in their name
+            digests["the folder name"] = named["digest"]
+            seeds["the folder name"] = int(named["seed"])
+        if summary is not None:
+            from_name = NAMED_SETTING.search(str(summary.get("setting", "")))
+            if summary.get("setting_digest") or from_name:
+                digests["summary.json"] = str(summary.get("setting_digest") or from_name["digest"])
+            if "seed" in summary:
+                seeds["summary.json"] = summary["seed"]
+        return digests, seeds
+
+    def _metrics_problem(self, epochs: int) -> str | None:
+        """Why a finished run's metrics.jsonl is not its complete record of ``epochs`` epochs, or None."""
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except OSError:
+            return "finished, but metrics.jsonl is missing"
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                return f"metrics.jsonl line {number} is not JSON (cut short or edited)"
+        seen = [row.get("epoch") if isinstance(row, dict) else None for row in rows]
+        if seen != list(range(1, epochs + 1)):
+            return f"finished, but metrics.jsonl holds epochs {seen or 'none'} where the config trains {epochs}"
+        return None
 
     # --- writing (each one checks first that the folder is still the one this process locked)
 
@@ -618,6 +711,18 @@ class RunFolder:
             write()
         except OSError as error:
             raise write_error(path, error, kept_checkpoints(self.checkpoints)) from None
+
+
+def _by_value(carried: Mapping[str, Any]) -> str:
+    """``{"the folder name": "ab", "summary.json": "ab"}`` -> ``the folder name and summary.json record ab``."""
+    places: dict[str, list[str]] = {}
+    for where, value in carried.items():
+        places.setdefault(str(value)[:DIGEST_LENGTH], []).append(where)
+    phrases = []
+    for value, wheres in places.items():
+        subject = f"{', '.join(wheres[:-1])} and {wheres[-1]} record" if len(wheres) > 1 else f"{wheres[0]} records"
+        phrases.append(f"{subject} {value}")
+    return "; ".join(phrases)
 
 
 def _append_line(path: Path, record: Mapping[str, Any]) -> None:

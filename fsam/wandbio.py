@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import shlex
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -36,6 +38,19 @@ def epoch_record(row: dict[str, Any]) -> dict[str, Any]:
     """A metrics.jsonl row as wandb keys (unknown keys keep their name). The epoch's ``analysis`` measurements are
     left out: they went to wandb at their own steps (``analysis/...``)."""
     return {EPOCH_KEYS.get(key, key): value for key, value in row.items() if key not in ("step", "analysis")}
+
+
+def offline_note(what: str, run_folders: list[str | Path]) -> str:
+    """Where ``what`` was logged offline (wandb's ``offline-run-<time>-<id>`` folders) and the exact command that
+    uploads it."""
+    folders = [str(folder) for folder in run_folders]
+    command = shlex.join(["wandb", "sync", *folders])
+    return f"wandb: {what} logged offline to {', '.join(folders)}; upload with: {command}"
+
+
+def is_offline_run(folder: str | Path) -> bool:
+    """Whether a wandb run folder is an offline run's: wandb names them ``offline-run-<time>-<id>``."""
+    return Path(folder).name.startswith("offline-run-")
 
 
 def resolve_mode(mode: str) -> tuple[str, str | None]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from fsam.errors import FsamError
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    METHOD_NAMES, METRICS, load_known, paper_layout, reference_table, reported_metrics, row_label, settings_table,
+    CHOSEN, METHOD_ORDER, METRICS, SPREAD, STATES, format_cell, layout_caption, load_known, paper_layout,
+    reference_table, reported_metrics, row_label, setting_labels, settings_caption, settings_numbers, settings_table,
     summarise, to_latex,
 )
 from fsam.runfolder import write_atomic
@@ -61,14 +62,16 @@ def main() -> int:
     per_setting = settings_table(summary)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"settings.csv": summary.to_csv(index=False), "settings.md": per_setting.to_markdown(index=False) + "\n",
-               "settings.tex": to_latex(per_setting, "Results per setting (mean ± std over seeds, n seeds)",
-                                        "tab:settings")}
+    # CSVs hold numbers (mean, std and n in columns of their own) for pandas and plotting; the formatted cells
+    # are for reading, in Markdown and LaTeX, each under a caption saying how its numbers were chosen.
+    per_setting_caption = settings_caption(list(layouts))
+    outputs = {"settings.csv": summary.to_csv(index=False),
+               "settings.md": f"{per_setting_caption}\n\n{per_setting.to_markdown(index=False)}\n",
+               "settings.tex": to_latex(per_setting, per_setting_caption, "tab:settings")}
     for metric, layout in layouts.items():
-        caption = f"{METRICS[metric]}, mean ± std over seeds (n); published values with their source"
-        outputs[f"paper_{metric}.csv"] = layout.table.to_csv()
-        outputs[f"paper_{metric}.md"] = markdown(layout.table) + "\n"
-        outputs[f"paper_{metric}.tex"] = to_latex(layout.table, caption, f"tab:paper-{metric}")
+        outputs[f"paper_{metric}.csv"] = layout.values.to_csv(index=False)
+        outputs[f"paper_{metric}.md"] = f"{layout_caption(metric)}\n\n{markdown(layout.table)}\n"
+        outputs[f"paper_{metric}.tex"] = to_latex(layout.table, layout_caption(metric), f"tab:paper-{metric}")
     report = overview(args.runs, runs, per_setting, layouts, args.seeds)
     outputs["tables.md"] = report
     for name, text in outputs.items():
@@ -76,19 +79,17 @@ def main() -> int:
     print(report)
     print(f"written: {', '.join(sorted(outputs))} in {args.out_dir}")
     if args.wandb:
-        from fsam.report.wandb_upload import BarChart, log_tables
+        from fsam.report.wandb_upload import MeanChart, log_tables
+        from fsam.wandbio import is_offline_run, offline_note
 
-        charts = {f"paper_{metric}": BarChart(bars(summary, metric), "cell", "mean", METRICS[metric])
+        charts = {metric: MeanChart(chart_points(summary, metric), f"{METRICS[metric]} per setting", METRICS[metric])
                   for metric in layouts}
-        finished = summary[summary["n"] > 0]
-        charts["settings"] = BarChart(
-            pd.DataFrame({"setting": finished["setting"], "mean": finished["best_top1_mean"].round(2)}),
-            "setting", "mean", f"{METRICS['best_top1']} per setting",
-        )
-        tables = {"settings": per_setting, **{f"paper_{m}": layout.table for m, layout in layouts.items()}}
+        tables = {"settings": settings_numbers(summary),
+                  **{f"paper_{metric}": with_cells(layout.values) for metric, layout in layouts.items()}}
         folder = log_tables(tables, charts, project=args.wandb_project, entity=args.wandb_entity,
                             mode=args.wandb_mode, folder=args.out_dir, name="tables")
-        print(f"wandb: tables and charts logged in {folder}")
+        print(offline_note("tables and charts", [folder]) if is_offline_run(folder)
+              else f"wandb: tables and charts logged in {folder}")
     return 0
 
 
@@ -97,23 +98,45 @@ def markdown(table: pd.DataFrame) -> str:
     return table.reset_index().to_markdown(index=False) if not table.empty else "(no runs)"
 
 
-def bars(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One bar per setting with finished runs: ``data set / model / method`` and the mean."""
-    finished = summary[summary["n"] > 0]
-    labels = [" / ".join([*row_label(row), METHOD_NAMES.get(row["optimizer"], row["optimizer"])])
-              for _, row in finished.iterrows()]
-    return pd.DataFrame({"cell": labels, "mean": finished[f"{metric}_mean"].round(2).to_list()})
+def chart_points(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per setting with a finished value of ``metric``, in the tables' order (data set, model, method): a
+    label no other row has (``data set / model / method``, plus what differs between settings of one cell), the
+    method, the setting, and the mean, std and n as computed, never rounded."""
+    columns = ["label", "method", "setting", "mean", "std", "n"]
+    finished = summary[(summary["n"] > 0) & summary[f"{metric}_mean"].notna()]
+    order = {method: position for position, method in enumerate(METHOD_ORDER)}
+    rows = []
+    for cell, group in finished.groupby(finished.apply(row_label, axis=1)):
+        for setting, label in setting_labels(group).items():
+            row = group[group["setting"] == setting].iloc[0]
+            rows.append(((cell, order.get(row["optimizer"], len(order)), label), {
+                "label": " / ".join([*cell, label]), "method": row["optimizer"], "setting": setting,
+                "mean": row[f"{metric}_mean"], "std": row[f"{metric}_std"], "n": int(row["n"])}))
+    return pd.DataFrame([row for _, row in sorted(rows, key=lambda item: item[0])], columns=columns)
+
+
+def with_cells(values: pd.DataFrame) -> pd.DataFrame:
+    """A paper layout's numbers (one row per cell) with each cell beside them as the Markdown table writes it."""
+    cells = [format_cell(row["mean"], row["std"], int(row["n"]), {state: int(row[state]) for state in STATES},
+                         bool(row["short"])) for _, row in values.iterrows()]
+    table = values.copy()
+    table.insert(table.columns.get_loc("setting") + 1, "cell", cells)
+    return table
 
 
 def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts: dict, seeds: int | None) -> str:
     counts = runs["status"].value_counts().to_dict()
     lines = [f"# Results from {root}", "",
              "Runs: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) + ".", ""]
-    unreadable = int(runs["setting"].isna().sum())
-    if unreadable:
-        lines += [f"{unreadable} folder(s) have a config.yaml this version cannot read; they are left out.", ""]
-    lines += ["Cells: mean ± std over finished seeds (std only for n ≥ 2); unfinished, running and diverged runs are "
-              "counted, never averaged" + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", ""]
+    broken = damaged(runs)
+    if broken:
+        lines += ["Damaged folders (their records do not verify; none of their numbers is in the tables):", ""]
+        lines += [f"- {line.removeprefix('damaged: ')}" for line in broken] + [""]
+    lines += [f"{SPREAD}; unfinished, running and diverged runs are counted, never averaged"
+              + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", "",
+              "How each number was chosen:", ""]
+    lines += [f"- {METRICS[metric]}{' (the headline)' if index == 0 else ''}: {CHOSEN[metric]}."
+              for index, metric in enumerate(layouts)] + [""]
     for metric, layout in layouts.items():
         lines += [f"## Paper layout: {METRICS[metric]}", "", markdown(layout.table), ""]
         lines += [f"- {note}" for note in layout.notes] + ([""] if layout.notes else [])

@@ -2,7 +2,7 @@
 accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into results/figures/.
 
     python train.py experiment=quickstart && python scripts/plot.py runs/    # the quick start's curves
-    python scripts/plot.py runs/ --metric final_top1 --out-dir results/figures
+    python scripts/plot.py runs/ --metric test_top1_at_best_val --out-dir results/figures   # runs with val_split
 
 Every figure that the runs allow is drawn; the others are named with the reason they were not.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fsam.errors import FsamError
 from fsam.report import summarise
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.figures import ema_agreement, lambda_sigma_heatmap, learning_curves, noise_plot
 from fsam.report.tables import METRICS
 
@@ -23,10 +23,11 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     parser.add_argument("runs", type=Path, help="folder holding run folders (searched recursively), or one run folder")
     parser.add_argument("--out-dir", type=Path, default=RESULTS / "figures")
-    parser.add_argument("--metric", default="best_top1", choices=sorted(METRICS), help="for the heatmap and noise plot")
+    parser.add_argument("--metric", default="final_top1", choices=list(METRICS),
+                        help="for the heatmap and noise plot (default: the headline, the final epoch)")
     parser.add_argument("--all-settings", action="store_true",
                         help="curves of every setting (default: per method the setting with the most seeds)")
     args = parser.parse_args()
@@ -35,6 +36,9 @@ def main() -> int:
     except FsamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for line in damaged(runs):
+        print(line)  # listed, never drawn
+    runs = runs[runs["status"] != "damaged"]
     summary = summarise(runs)
     curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)
     drawn = {

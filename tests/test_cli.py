@@ -110,6 +110,8 @@ def test_wandb_offline_writes_its_files_in_the_run_folder(train_py, tiny_cli, is
     assert record["summary"]["model"]["parameters"] == summary["model"]["parameters"]  # nested values kept
     assert record["config"]["identity"]["setting"] == summary["setting"]
     assert "epoch 1/1" in (offline_runs[0] / "files" / "output.log").read_text()  # the console, uploaded
+    assert result.stdout.splitlines()[-1] == (f"wandb: the run logged offline to {offline_runs[0]}; upload with: "
+                                              f"wandb sync {offline_runs[0]}")
 
 
 def test_relaunching_a_finished_run_skips_it(train_py, tiny_cli, isolated_records):

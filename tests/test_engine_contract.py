@@ -849,18 +849,19 @@ def fake_wandb(monkeypatch) -> list:
 
 def test_wandb_gets_the_mean_loss_since_its_last_point_each_epoch_row_and_the_summary(small, monkeypatch,
                                                                                        fake_wandb):
+    monkeypatch.setattr(loop, "STEP_POINTS", 2)  # 6 steps // 2 = 3: log_every 2 is the shorter interval
     steps = record_steps(monkeypatch)
     config = small(trainer={"log_every": 2})
     summary = run(config)
     (wandb_run,) = fake_wandb
     rows = metrics_of(config["run_dir"])
     points = [(row, step) for row, step in wandb_run.logged if "train/loss" in row]
-    assert [step for _, step in points] == [2, 4, 6]
+    assert [step for _, step in points] == [2, 3, 4, 6]
     loss = [s["loss"] for s in steps]
-    # step 2: steps 1-2; step 4: only step 4 (the epoch's sums restart after step 3); step 6: steps 5-6
-    expected = [(16 * loss[0] + 16 * loss[1]) / 32, loss[3], (16 * loss[4] + 8 * loss[5]) / 24]
+    # step 2: steps 1-2; step 3: the epoch's last; step 4: step 4 alone (a new epoch); step 6: steps 5-6
+    expected = [(16 * loss[0] + 16 * loss[1]) / 32, loss[2], loss[3], (16 * loss[4] + 8 * loss[5]) / 24]
     assert [row["train/loss"] for row, _ in points] == pytest.approx(expected, rel=1e-5)
-    assert [row["train/lr"] for row, _ in points] == pytest.approx([steps[i]["lr"] for i in (1, 3, 5)])
+    assert [row["train/lr"] for row, _ in points] == pytest.approx([steps[i]["lr"] for i in (1, 2, 3, 5)])
     epochs = [(row, step) for row, step in wandb_run.logged if "train/loss" not in row]
     assert [step for _, step in epochs] == [3, 6]
     assert [row for row, _ in epochs] == [epoch_record(row) for row in rows]
@@ -872,6 +873,43 @@ def test_wandb_gets_the_mean_loss_since_its_last_point_each_epoch_row_and_the_su
     assert started["group"] == summary["setting"] and started["name"] == f"{summary['setting']}-seed1"
     assert started["config"]["identity"]["setting"] == summary["setting"]
     assert started["config"]["trainer"]["log_every"] == 2
+
+
+@pytest.mark.parametrize(("log_every", "step_points", "logged_at"), [
+    (100, 100, [1, 2, 3, 4, 5, 6]),  # a run shorter than the points it should have: every step
+    (100, 3, [2, 3, 4, 6]),  # 6 steps // 3 points: every 2 steps, and each epoch's last step (3 and 6)
+    (4, 1, [3, 4, 6]),  # log_every is the longest interval
+    (1, 100, [1, 2, 3, 4, 5, 6]),
+])
+def test_every_run_gets_a_per_step_curve_however_short(small, monkeypatch, fake_wandb, log_every, step_points,
+                                                      logged_at):
+    monkeypatch.setattr(loop, "STEP_POINTS", step_points)
+    steps = record_steps(monkeypatch)
+    run(small(trainer={"log_every": log_every}))
+    points = [(row, step) for row, step in fake_wandb[0].logged if "train/loss" in row]
+    assert [step for _, step in points] == logged_at
+    assert [row["train/lr"] for row, _ in points] == pytest.approx([steps[step - 1]["lr"] for step in logged_at])
+    since = [0, *logged_at]
+    weights = [s["n"] * s["loss"] for s in steps]
+    # each point the mean over the steps since the previous one, within its epoch (3 steps an epoch)
+    expected = []
+    for before, at in zip(since, since[1:]):
+        first = max(before, 3 * ((at - 1) // 3))
+        expected.append(sum(weights[first:at]) / sum(s["n"] for s in steps[first:at]))
+    assert [row["train/loss"] for row, _ in points] == pytest.approx(expected, rel=1e-5)
+
+
+def test_logging_every_step_to_wandb_changes_nothing_the_run_computes(small, monkeypatch):
+    quiet = small(trainer={"log_every": 100})  # no wandb
+    run(quiet)
+    logged = small(run_dir=quiet["run_dir"] + "-logged", trainer={"log_every": 1})
+    wandb_run = FakeWandbRun()
+    monkeypatch.setattr(loop.WandbMirror, "start", lambda self, *args, **kwargs: setattr(self, "run", wandb_run))
+    run(logged)
+    assert [step for row, step in wandb_run.logged if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
+    assert without_times(metrics_of(logged["run_dir"])) == without_times(metrics_of(quiet["run_dir"]))
+    for name, tensor in checkpoint(quiet["run_dir"])["model"].items():
+        assert torch.equal(checkpoint(logged["run_dir"])["model"][name], tensor), name
 
 
 def test_wandb_points_skip_an_interval_without_counted_examples(small, monkeypatch, fake_wandb):
@@ -1467,6 +1505,27 @@ def test_finish_sends_the_summary_without_empty_values_and_the_exit_code():
     mirror.run = second = FakeWandbRun()
     mirror.finish(failed=True)
     assert (second.summary, second.exit_codes) == ({}, [1])
+
+
+def test_a_finished_offline_run_says_where_it_is_and_the_command_that_uploads_every_launch(monkeypatch, tmp_path,
+                                                                                             capsys):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb())
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("offline", None))
+    launches = [tmp_path / "run" / "wandb" / f"offline-run-2026010{day}_000000-abc" for day in (2, 1)]
+    for folder in [*launches, tmp_path / "run" / "wandb" / "offline-run-20260103_000000-other"]:
+        folder.mkdir(parents=True)
+    for failed in (True, False):
+        mirror = WandbMirror(logger(), str(tmp_path / "run"), "abc")
+        mirror.start({}, resumed=True)
+        mirror.finish({"a": 1}, failed=failed)
+    first, second = sorted(launches)
+    assert capsys.readouterr().out == (f"wandb: the run logged offline to {first}, {second}; upload with: wandb sync "
+                                       f"{first} {second}\n")  # once: not for the failed launch
+    monkeypatch.setattr("fsam.engine.wandb_mirror.resolve_mode", lambda mode: ("online", None))
+    online = WandbMirror(logger(), str(tmp_path / "run"), "abc")
+    online.start({}, resumed=True)
+    online.finish({"a": 1})
+    assert capsys.readouterr().out == ""
 
 
 def test_a_failing_finish_warns_and_is_not_retried(capsys):

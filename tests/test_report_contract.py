@@ -25,18 +25,19 @@ from matplotlib.ticker import MaxNLocator
 import fsam.report.figures as figures
 from fsam.errors import FsamError
 from fsam.report import load_runs
-from fsam.report.runs import runs_under
+from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    format_cell, paper_layout, published_value, reference_table, reported_metrics, row_label, settings_table,
-    summarise, to_latex, _latex_cell, _latex_escape,
+    format_cell, layout_caption, paper_layout, published_value, reference_table, reported_metrics, row_label,
+    setting_labels, settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
 )
-from fsam.report.wandb_upload import BarChart, _plain, backfill, log_tables
-from reportgen import write_run
+from fsam.report.wandb_upload import MeanChart, _plain, backfill, log_tables
+from fsam.runfolder import RunFolder
+from reportgen import run_script, write_run
 from wandb_records import read_run
 
 SGD, SAM, FSAM = "#7f7f7f", "#1f77b4", "#d62728"  # METHOD_COLORS, written out: a method looks the same everywhere
-BEST, FINAL, AT_VAL = ("best-epoch test top-1 (%)", "final-epoch test top-1 (%)",
-                       "test top-1 at the best validation epoch (%)")
+BEST, FINAL, AT_VAL = ("test top-1 at the best test epoch (%; diagnostic: chosen on the test set)",
+                       "final-epoch test top-1 (%)", "test top-1 at the best validation epoch (%)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -341,7 +342,7 @@ def test_one_setting_per_method_counts_only_finished_seeds_then_takes_the_first_
         for setting in (unfinished_sgd, fsam_settings[1]))
 
 
-def test_legend_labels_name_only_what_differs_between_settings_of_a_method():
+def test_labels_name_only_what_differs_between_settings_of_a_method():
     settings = pd.DataFrame([
         {"setting": "f1", "optimizer": "fsam", "lr": 0.1, "weight_decay": 5e-4, "rho": 0.2, "sigma": 1.0,
          "lmbda": 0.3, "epochs": 200, "batch_size": 128, "base": "sgd"},
@@ -352,12 +353,23 @@ def test_legend_labels_name_only_what_differs_between_settings_of_a_method():
         {"setting": "x1", "optimizer": "lookahead", "lr": 0.1, "weight_decay": 5e-4, "rho": None, "sigma": None,
          "lmbda": None, "epochs": 200, "batch_size": 128, "base": "sgd"},
     ])
-    assert figures._labels(settings) == {
+    assert setting_labels(settings) == {
         "f1": "F-SAM (σ 1, λ 0.3, epochs 200, base sgd)",  # numbers written short (:g), names as they are
         "f2": "F-SAM (σ 0.5, λ 0.9, epochs 100, base adamw)",
         "s1": "SGD",
         "x1": "lookahead",  # a method without a display name keeps its own
     }
+
+
+def test_settings_that_differ_only_in_what_labels_leave_out_are_told_apart_by_their_digest():
+    alike = {"optimizer": "fsam", "lr": 0.1, "weight_decay": 5e-4, "rho": 0.2, "sigma": 1.0, "lmbda": 0.6,
+             "epochs": 200, "batch_size": 128, "base": "sgd"}  # they differ in, say, the augmentation
+    settings = pd.DataFrame([{"setting": "cifar10-resnet18-fsam-0123456789ab", **alike},
+                             {"setting": "cifar10-resnet18-fsam-ba9876543210", **alike},
+                             {"setting": "cifar10-resnet18-fsam-ffffffffffff", **alike, "lmbda": 0.9}])
+    assert setting_labels(settings) == {"cifar10-resnet18-fsam-0123456789ab": "F-SAM (λ 0.6) [0123456789ab]",
+                                        "cifar10-resnet18-fsam-ba9876543210": "F-SAM (λ 0.6) [ba9876543210]",
+                                        "cifar10-resnet18-fsam-ffffffffffff": "F-SAM (λ 0.9)"}
 
 
 # ------------------------------------------------------------------------------------------------ λ × σ heatmap
@@ -379,7 +391,7 @@ def cells(axis) -> dict[tuple[float, float], tuple[str, str]]:
 
 
 def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_not_run(drawn, tmp_path):
-    written = figures.lambda_sigma_heatmap(HEATMAP, tmp_path)
+    written = figures.lambda_sigma_heatmap(HEATMAP, tmp_path, "best_top1")
     assert written == [tmp_path / "heatmap_lambda_sigma_CIFAR-10_resnet18.png",
                        tmp_path / "heatmap_lambda_sigma_CIFAR-10_resnet18.pdf"]
     (figure,) = drawn
@@ -398,7 +410,7 @@ def test_the_heatmap_shows_fsams_mean_per_lambda_and_sigma_with_n_and_the_cells_
     assert image.get_cmap().name == "viridis" and axis.get_facecolor() == to_rgba("#eeeeee")  # grey: not run
     assert (axis.get_xlabel(), axis.get_ylabel()) == ("σ (share of the EMA removed)", "λ (EMA decay)")
     assert colorbar.get_ylabel() == BEST and colorbar.get_ylim() == (92.0, 95.0)  # the scale of the cells shown
-    assert axis.get_title() == "F-SAM on CIFAR-10, resnet18: best-epoch test top-1 (%)\n(ρ 0.2, lr 0.1, epochs 200)"
+    assert axis.get_title() == f"F-SAM on CIFAR-10, resnet18: {BEST}\n(ρ 0.2, lr 0.1, epochs 200)"
 
 
 def test_the_heatmap_draws_the_metric_asked_for(drawn, tmp_path):
@@ -410,13 +422,28 @@ def test_the_heatmap_draws_the_metric_asked_for(drawn, tmp_path):
     assert colorbar.get_ylabel() == FINAL and axis.get_title().startswith(f"F-SAM on CIFAR-10, resnet18: {FINAL}\n")
 
 
+def test_the_heatmap_and_the_noise_plot_show_the_headline_final_epoch_unless_told_otherwise(drawn, tmp_path,
+                                                                                           monkeypatch, capsys):
+    figures.lambda_sigma_heatmap(HEATMAP, tmp_path)
+    figures.noise_plot(NOISE, tmp_path)
+    assert drawn[0].figure.axes[1].get_ylabel() == FINAL and drawn[1].figure.axes[0].get_ylabel() == FINAL
+    root = tmp_path / "runs"
+    for lmbda in (0.3, 0.9):
+        write_run(root, f"fsam-{lmbda}/seed1", method="fsam", lmbda=lmbda, top1=[90.0, 80.0])
+    drawn.clear()
+    assert run_script(monkeypatch, "plot", root, "--out-dir", tmp_path / "figures") == 0, capsys.readouterr().err
+    (heatmap,) = [d for d in drawn if d.stem.startswith("heatmap")]
+    assert heatmap.figure.axes[1].get_ylabel() == FINAL
+    assert cells(heatmap.figure.axes[0]) == {(0, 0): ("80.00\nn=1", "white"), (0, 1): ("80.00\nn=1", "white")}
+
+
 def test_the_heatmap_needs_two_values_of_lambda_or_of_sigma(drawn, tmp_path):
     one_cell = {"setting": "a", "dataset": "cifar10", "n": 1, "best_top1_mean": 90.0}
     two_lambdas = [{"setting": s, "dataset": "cifar100", "lmbda": lmbda, "n": 1, "best_top1_mean": 80.0 + i}
                    for i, (s, lmbda) in enumerate((("b", 0.3), ("c", 0.9)))]
     two_sigmas = [{"setting": s, "dataset": "imagenet", "model": "resnet50", "sigma": sigma, "n": 1,
                    "best_top1_mean": 70.0} for s, sigma in (("d", 0.5), ("e", 1.5))]
-    written = figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path)
+    written = figures.lambda_sigma_heatmap(summary_of(one_cell, *two_lambdas, *two_sigmas), tmp_path, "best_top1")
     assert [d.stem for d in drawn] == ["heatmap_lambda_sigma_CIFAR-100_resnet18",
                                        "heatmap_lambda_sigma_ImageNet_resnet50"]
     assert written == [tmp_path / f"{d.stem}.{suffix}" for d in drawn for suffix in ("png", "pdf")]
@@ -432,7 +459,7 @@ def test_a_heatmap_cell_of_two_settings_shows_the_first_ones_mean_with_its_own_n
         {"setting": "b", "lmbda": 0.9, "sigma": 0.5, "n": 1, "best_top1_mean": 93.0},
         {"setting": "c", "lmbda": 0.9, "sigma": 1.5, "n": 1, "best_top1_mean": 95.0},
     )
-    figures.lambda_sigma_heatmap(summary, tmp_path)
+    figures.lambda_sigma_heatmap(summary, tmp_path, "best_top1")
     # 93 is exactly 60 % of the way from 90 to 95: not above it, so still white
     assert cells(drawn[0].figure.axes[0]) == {(0, 0): ("90.00\nn=2", "white"), (1, 0): ("not run", "#777777"),
                                               (0, 1): ("93.00\nn=1", "white"), (1, 1): ("95.00\nn=1", "black")}
@@ -442,7 +469,7 @@ def test_the_heatmap_draws_the_first_settings_rho_even_when_that_is_one_cell(dra
     summary = summary_of({"setting": "a", "lmbda": 0.6, "rho": 0.5, "n": 1, "best_top1_mean": 99.0},
                          {"setting": "b", "lmbda": 0.3, "n": 1, "best_top1_mean": 90.0},
                          {"setting": "c", "lmbda": 0.9, "n": 1, "best_top1_mean": 91.0})
-    figures.lambda_sigma_heatmap(summary, tmp_path)
+    figures.lambda_sigma_heatmap(summary, tmp_path, "best_top1")
     axis = drawn[0].figure.axes[0]
     assert cells(axis) == {(0, 0): ("99.00\nn=1", "white")}
     assert axis.get_title().endswith("\n(ρ 0.5, lr 0.1, epochs 200)")
@@ -497,7 +524,7 @@ def error_bars(axis) -> list[tuple[str, str, str, list[tuple[float, float]], lis
 
 
 def test_accuracy_against_label_noise_has_one_line_per_method_from_the_clean_runs_up(drawn, tmp_path):
-    written = figures.noise_plot(NOISE, tmp_path)
+    written = figures.noise_plot(NOISE, tmp_path, "best_top1")
     assert [d.stem for d in drawn] == ["noise_cifar10_resnet18_asymmetric", "noise_cifar10_resnet18_symmetric"]
     assert written == [tmp_path / f"{d.stem}.{suffix}" for d in drawn for suffix in ("png", "pdf")]
     symmetric = drawn[1].figure.axes[0]
@@ -681,8 +708,8 @@ def test_to_latex_of_a_plain_table_has_no_index_column():
 def test_summarise_of_no_readable_run_is_an_empty_table_with_every_column():
     columns = ["setting", "dataset", "noise", "noise_ratio", "model", "optimizer", "base", "lr", "weight_decay", "rho",
                "sigma", "lmbda", "epochs", "batch_size", "n", "unfinished", "running", "diverged", "short",
-               "best_top1_mean", "best_top1_std", "final_top1_mean", "final_top1_std", "test_top1_at_best_val_mean",
-               "test_top1_at_best_val_std"]
+               "final_top1_mean", "final_top1_std", "test_top1_at_best_val_mean", "test_top1_at_best_val_std",
+               "best_top1_mean", "best_top1_std"]
     unreadable = pd.DataFrame({"setting": [None, None], "status": ["finished", "unfinished"], "best_top1": [1.0, None]})
     for runs in (pd.DataFrame(), pd.DataFrame({"run_dir": ["x"]}), unreadable):
         table = summarise(runs)
@@ -704,12 +731,12 @@ def test_summarise_lists_settings_by_name_whatever_order_the_runs_come_in():
     assert table["test_top1_at_best_val_mean"].isna().all()  # no run has a validation split
 
 
-def test_the_reported_metrics_are_best_and_final_always_and_the_validation_pick_only_where_measured():
+def test_the_reported_metrics_are_the_final_epoch_first_the_validation_pick_where_measured_the_best_test_epoch_last():
     nothing_finished = summary_of({"setting": "a", "n": 0})
-    assert reported_metrics(nothing_finished) == ["best_top1", "final_top1"]
+    assert reported_metrics(nothing_finished) == ["final_top1", "best_top1"]
     with_validation = summary_of({"setting": "a", "n": 1, "best_top1_mean": 1.0, "final_top1_mean": 1.0},
                                  {"setting": "b", "n": 1, "best_top1_mean": 1.0, "test_top1_at_best_val_mean": 1.0})
-    assert reported_metrics(with_validation) == ["best_top1", "final_top1", "test_top1_at_best_val"]
+    assert reported_metrics(with_validation) == ["final_top1", "test_top1_at_best_val", "best_top1"]
 
 
 def test_the_settings_table_leaves_out_columns_no_setting_fills():
@@ -717,7 +744,7 @@ def test_the_settings_table_leaves_out_columns_no_setting_fills():
                            "final_top1_mean": 89.0})
     table = settings_table(sgd_only)
     assert list(table.columns) == ["setting", "dataset", "model", "optimizer", "base", "lr", "weight_decay", "epochs",
-                                   "batch_size", BEST, FINAL]  # no noise, no rho / sigma / lambda
+                                   "batch_size", FINAL, BEST]  # no noise, no rho / sigma / lambda
     assert table.iloc[0][BEST] == "90.00 (n=1)"
     noisy = summary_of({"setting": "a", "n": 1, "best_top1_mean": 90.0},
                        {"setting": "b", "noise": "symmetric", "noise_ratio": 0.2, "n": 1, "best_top1_mean": 80.0,
@@ -754,8 +781,8 @@ def test_the_paper_layout_is_the_one_written_by_hand():
         ("CIFAR-10", "resnet18"): {
             "SGD": "91.00 ± 1.50 (n=2)",  # most seeds, then the first name: a, not the better b or c
             "SGD published": "90.50 [src], Δ +0.50",
-            "F-SAM": "93.00 (n=1; 1 diverged)", "F-SAM published": "not published",
-            "lookahead": "80.00 (n=1) †", "lookahead published": "not published",
+            "F-SAM": "93.00 (n=1; 1 diverged)", "F-SAM published": "not available",
+            "lookahead": "80.00 (n=1) †", "lookahead published": "not available",
         },
         ("CIFAR-100", "resnet18"): {
             "SGD": "", "SGD published": "",  # no run there: blank
@@ -772,12 +799,46 @@ def test_the_paper_layout_is_the_one_written_by_hand():
     ]
 
 
+def test_the_paper_layouts_numbers_are_one_row_per_cell_with_mean_std_and_n_as_numbers():
+    layout = paper_layout(PAPER, "best_top1", KNOWN)
+    values = layout.values
+    assert list(values.columns) == ["dataset", "model", "method", "setting", "mean", "std", "n", "unfinished",
+                                    "running", "diverged", "short", "published", "published_source", "difference"]
+    # in the table's order: rows by data set and model, then the methods in their order
+    assert values[["dataset", "method", "setting", "n", "unfinished", "running", "diverged", "short"]].to_dict(
+        "split")["data"] == [["CIFAR-10", "SGD", "a", 2, 0, 0, 0, False], ["CIFAR-10", "F-SAM", "f", 1, 0, 0, 1, False],
+                             ["CIFAR-10", "lookahead", "d", 1, 0, 0, 0, True],
+                             ["CIFAR-100", "F-SAM", "e", 0, 1, 1, 0, False]]
+    assert values["mean"].tolist()[:3] == [91.0, 93.0, 80.0] and math.isnan(values["mean"][3])
+    assert values["std"].tolist()[0] == 1.5 and values["std"][1:].isna().all()
+    assert values["published"].tolist()[0] == 90.5 and values["published"][3] == 77.0
+    assert [source if isinstance(source, str) else None for source in values["published_source"]] == [
+        "src", None, None, "pub"]
+    assert values["difference"].tolist()[0] == 0.5 and values["difference"][1:].isna().all()
+    assert all(pd.api.types.is_numeric_dtype(values[column]) for column in
+               ("mean", "std", "n", "unfinished", "running", "diverged", "published", "difference"))
+
+
+def test_every_caption_defines_the_spread_and_says_how_its_numbers_were_chosen():
+    spread = ("mean ± sample standard deviation over the finished seeds (n − 1 denominator; no ± for one seed), "
+              "n finished seeds")
+    assert layout_caption("final_top1").startswith(
+        f"Final-epoch test top-1 (%): the last epoch's test top-1, no epoch is chosen. Cells: {spread}. Published: ")
+    assert layout_caption("best_top1").startswith(f"{BEST[0].upper()}{BEST[1:]}: the highest test top-1 of any "
+                                                  "epoch, so the epoch is chosen on the test set")
+    assert layout_caption("final_top1").endswith("not available where none could be obtained for that setting.")
+    assert settings_caption(["final_top1", "test_top1_at_best_val"]) == (
+        f"Results per setting. Cells: {spread}. Final-epoch test top-1 (%): the last epoch's test top-1, no epoch is "
+        "chosen. Test top-1 at the best validation epoch (%): the test top-1 at the epoch of the best validation "
+        "top-1 (runs with a validation split, dataset.val_split).")
+
+
 def test_the_paper_layout_without_published_numbers_or_without_runs():
     layout = paper_layout(PAPER, "best_top1")
-    assert set(layout.table["SGD published"]) == {"not published", ""}
+    assert set(layout.table["SGD published"]) == {"not available", ""}
     empty = paper_layout(summary_of().iloc[0:0], "final_top1", KNOWN)
     assert empty.metric == "final_top1" and isinstance(empty.table, pd.DataFrame) and empty.table.empty
-    assert empty.notes == []
+    assert empty.notes == [] and empty.values.empty
 
 
 def test_a_published_number_needs_a_table_and_a_metric_it_has():
@@ -830,7 +891,7 @@ def test_runs_under_refuses_a_missing_folder_and_an_empty_one_in_words(tmp_path)
     assert list(runs_under(tmp_path / "runs")["run_dir"]) == [str(tmp_path / "runs" / "sgd" / "seed1")]
 
 
-def test_load_runs_skips_unreadable_folders_and_keeps_those_it_cannot_identify(tmp_path):
+def test_folders_that_do_not_parse_or_check_are_listed_as_damaged_with_the_reason_and_not_tabulated(tmp_path):
     root = tmp_path / "runs"
     (root / "a-broken").mkdir(parents=True)
     (root / "a-broken" / "config.yaml").write_text("optimizer: [unclosed\n")  # sorts first: the rest is still read
@@ -839,11 +900,18 @@ def test_load_runs_skips_unreadable_folders_and_keeps_those_it_cannot_identify(t
     config = (old / "config.yaml").read_text()
     (old / "config.yaml").write_text(config.replace("  name: sgd\n", "  name: lookahead\n"))  # no longer a method
     runs = load_runs(root)
-    assert list(runs["run_dir"]) == [str(good), str(old)]
-    unknown = runs.iloc[1]
+    assert list(runs["run_dir"]) == [str(root / "a-broken"), str(good), str(old)]
+    assert list(runs["status"]) == ["damaged", "finished", "damaged"]
+    assert runs.iloc[0]["problem"] == "config.yaml is not valid YAML (cut short or edited)"
+    assert pd.isna(runs.iloc[1]["problem"]) and runs.iloc[1]["best_top1"] == 80.0
+    unknown = runs.iloc[2]
+    assert unknown["problem"].startswith("config.yaml does not check (optimizer.name='lookahead' is not ")
+    # described by what its config says, but with no setting and no numbers: nothing of it reaches a table
     assert pd.isna(unknown["setting"]) and unknown["optimizer"] == "lookahead" and unknown["model"] == "resnet18"
-    assert unknown["lr"] == 0.05 and unknown["status"] == "finished"
-    assert runs.iloc[0]["best_top1"] == 80.0
+    assert unknown["lr"] == 0.05 and pd.isna(unknown["best_top1"])
+    assert list(summarise(runs)["n"]) == [1]
+    assert damaged(runs) == [f"damaged: {root / 'a-broken'}: config.yaml is not valid YAML (cut short or edited)",
+                             f"damaged: {old}: {unknown['problem']}"]
 
 
 def test_a_folder_whose_model_options_no_longer_check_is_listed_under_its_model_name(tmp_path):
@@ -852,7 +920,146 @@ def test_a_folder_whose_model_options_no_longer_check_is_listed_under_its_model_
     record["model"]["kwargs"]["depth"] = "eight"  # a value the builder refuses: no identity can be computed
     (folder / "config.yaml").write_text(yaml.safe_dump(record))
     (row,) = load_runs(tmp_path).to_dict("records")
-    assert pd.isna(row["setting"]) and row["model"] == "pyramidnet110" and row["status"] == "finished"
+    assert pd.isna(row["setting"]) and row["model"] == "pyramidnet110" and row["status"] == "damaged"
+    assert row["problem"].startswith("config.yaml does not check (model.kwargs.depth='eight' is not allowed")
+
+
+def identity_named(root: Path, **options) -> Path:
+    """A finished run written by ``write_run`` and moved to where the engine puts it: ``<setting name>/seed<N>``."""
+    folder = write_run(root, "scratch/seed1", **options)
+    name = json.loads((folder / "summary.json").read_text())["setting"]
+    (root / name).mkdir(parents=True)
+    return folder.rename(root / name / "seed1")
+
+
+def edit_yaml(path: Path, change) -> None:
+    record = yaml.safe_load(path.read_text())
+    change(record)
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def edit_json(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def test_a_summary_that_is_not_json_is_a_damaged_folder_never_a_finished_seed(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "sgd/seed1", seed=1, top1=[90.0, 91.0])
+    cut = write_run(root, "sgd/seed2", seed=2, top1=[10.0, 12.0])
+    (cut / "summary.json").write_text('{"best_top1": 9')  # cut short
+    runs = load_runs(root)
+    assert list(runs["status"]) == ["finished", "damaged"]
+    assert runs.iloc[1]["problem"] == "summary.json is not a JSON object (cut short or edited)"
+    (row,) = summarise(runs).to_dict("records")
+    assert (row["n"], row["final_top1_mean"]) == (1, 91.0) and math.isnan(row["final_top1_std"])
+
+
+@pytest.mark.parametrize("carrier", ["its recorded identity", "the folder name", "summary.json"])
+def test_a_config_edited_after_the_run_is_damaged_by_whichever_record_carries_the_digest_it_trained(tmp_path,
+                                                                                                  carrier):
+    root = tmp_path / "runs"
+    folder = identity_named(root, lr=0.1)
+    trained = folder.parent.name[-12:]
+    if carrier != "its recorded identity":
+        edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    if carrier != "summary.json":
+        edit_json(folder / "summary.json", lambda record: record.pop("setting"))
+    if carrier != "the folder name":
+        folder = folder.rename(root / "kept-by-hand")
+    edit_yaml(folder / "config.yaml", lambda record: record["optimizer"].update(lr=0.5))
+    edited = load_runs(root)
+    (row,) = edited.to_dict("records")
+    computed = RunFolder(folder).read_config()[1]["digest"][:12]
+    assert row["status"] == "damaged" and pd.isna(row["setting"])
+    assert row["problem"] == (f"config.yaml computes setting {computed}, but {carrier} records {trained} "
+                              "(edited after the run)")
+    assert summarise(edited).empty  # lr 0.5 never trained: no row of it
+
+
+def test_a_summary_carries_its_digest_whole_or_in_its_setting_name(tmp_path):
+    folder = write_run(tmp_path / "runs", "kept/seed1")
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.update(setting_digest="0" * 64, setting="x-sgd"))
+    assert RunFolder(folder).problem().endswith(f"but summary.json records {'0' * 12} (edited after the run)")
+
+
+def test_every_place_that_records_another_digest_is_named_with_it(tmp_path):
+    folder = identity_named(tmp_path / "runs")
+    trained = folder.parent.name[-12:]
+    edit_json(folder / "summary.json", lambda record: record.update(setting="other-abcdefabcdef"))
+    edit_yaml(folder / "config.yaml", lambda record: record["trainer"].update(epochs=3))
+    computed = RunFolder(folder).read_config()[1]["digest"][:12]
+    assert RunFolder(folder).problem() == (
+        f"config.yaml computes setting {computed}, but its recorded identity and the folder name record {trained}; "
+        "summary.json records abcdefabcdef (edited after the run)")
+
+
+def test_a_config_whose_seed_was_edited_after_the_run_is_damaged(tmp_path):
+    folder = identity_named(tmp_path / "runs", seed=1)
+    edit_yaml(folder / "config.yaml", lambda record: record["trainer"].update(seed=2))
+    assert RunFolder(folder).problem() == ("config.yaml has seed 2, but its recorded identity, the folder name and "
+                                           "summary.json record 1 (edited after the run)")
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.update(seed=3))
+    assert RunFolder(folder).problem() == ("config.yaml has seed 2, but the folder name records 1; summary.json "
+                                           "records 3 (edited after the run)")
+
+
+def test_folders_from_before_identities_are_read_on_their_records_alone(tmp_path):
+    root = tmp_path / "runs"
+    folder = write_run(root, "quickstart/optimizer=sgd/seed1", top1=[80.0, 85.0])
+    edit_yaml(folder / "config.yaml", lambda record: record.pop("identity"))
+    edit_json(folder / "summary.json", lambda record: record.pop("setting"))
+    (row,) = load_runs(root).to_dict("records")
+    assert row["status"] == "finished" and pd.isna(row["problem"]) and row["final_top1"] == 85.0
+    assert row["setting"].startswith("cifar10-resnet18-sgd-")  # computed from its config, as new runs' are
+
+
+def test_a_digest_of_another_identity_version_is_not_compared(tmp_path):
+    folder = identity_named(tmp_path / "runs")
+    moved = folder.rename(tmp_path / "runs" / "kept")  # only the identity and the summary carry the digest
+    edit_yaml(moved / "config.yaml", lambda record: record["identity"].update(identity_version=0, digest="f" * 64))
+    edit_json(moved / "summary.json", lambda record: record.update(setting="x-" + "f" * 12))
+    assert RunFolder(moved).problem() is None
+    edit_yaml(moved / "config.yaml", lambda record: record["identity"].update(identity_version=1))
+    assert RunFolder(moved).problem().endswith(
+        "but its recorded identity and summary.json record ffffffffffff (edited after the run)")
+
+
+@pytest.mark.parametrize(("metrics", "problem"), [
+    ('{"epoch": 1}\n{"epoch": 2', "metrics.jsonl line 2 is not JSON (cut short or edited)"),
+    ('{"epoch": 1}\n', "finished, but metrics.jsonl holds epochs [1] where the config trains 2"),
+    ('{"epoch": 1}\n[2]\n', "finished, but metrics.jsonl holds epochs [1, None] where the config trains 2"),
+    ("", "finished, but metrics.jsonl holds epochs none where the config trains 2"),
+    (None, "finished, but metrics.jsonl is missing"),
+])
+def test_a_finished_run_needs_every_epoch_of_its_metrics_in_lines_that_parse(tmp_path, metrics, problem):
+    folder = write_run(tmp_path / "runs", "sgd/seed1", top1=[50.0, 60.0])
+    if metrics is None:
+        (folder / "metrics.jsonl").unlink()
+    else:
+        (folder / "metrics.jsonl").write_text(metrics)
+    assert RunFolder(folder).problem() == problem
+    (folder / "summary.json").unlink()
+    assert RunFolder(folder).problem() is None  # an unfinished run may have been killed mid-line
+
+
+def test_records_without_a_config_are_a_damaged_folder_and_wandbs_own_files_no_folder_at_all(tmp_path):
+    root = tmp_path / "runs"
+    run = write_run(root, "a/seed1")
+    online = run / "wandb" / "run-20260101_000000-abc" / "files"
+    online.mkdir(parents=True)
+    (online / "config.yaml").write_text("_wandb:\n  value: {}\n")  # what an online wandb run keeps there
+    for name in ("summary.json", "metrics.jsonl"):
+        orphan = root / f"only-{name}"
+        orphan.mkdir()
+        (orphan / name).write_text("{}\n")
+    runs = load_runs(root)
+    assert list(runs["run_dir"]) == [str(run), str(root / "only-metrics.jsonl"), str(root / "only-summary.json")]
+    assert list(runs["status"]) == ["finished", "damaged", "damaged"]
+    assert list(runs["problem"][1:]) == ["no config.yaml", "no config.yaml"]
 
 
 def test_sam_with_an_analysis_direction_is_its_own_method(tmp_path):
@@ -886,15 +1093,16 @@ def table_file(run_folder: Path, logged: dict, key: str) -> dict:
     return json.loads((run_folder / "files" / logged[f"{key}/path"]).read_text())
 
 
-def test_log_tables_stores_each_table_and_bar_chart_in_one_report_run(tmp_path, monkeypatch, capfd):
+def test_log_tables_stores_each_table_and_chart_in_one_report_run(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the mode asked for wins over the environment's
     monkeypatch.delenv("WANDB_SILENT")  # quiet by its own settings
     paper = pd.DataFrame({"SGD": pd.Series(["91.00 (n=1)", None], dtype=object), 5: [1.5, 2.5]}).set_axis(
         pd.MultiIndex.from_tuples([("CIFAR-10", "r18"), ("CIFAR-100", "r18")], names=["data set", "model"]))
-    plain = pd.DataFrame({"setting": ["s1"], "n": [2]})
-    bars = pd.DataFrame({"cell": ["a", "b", "c"], "mean": [91.0, None, 93.0], "other": [1, 2, 3]})
+    plain = pd.DataFrame({"setting": ["s1"], "lr": [0.1], "n": [2]})
+    points = pd.DataFrame({"label": ["a", "b", "c"], "method": ["sgd", "sam", "fsam"], "setting": ["s1", "s2", "s3"],
+                           "mean": [91.25, None, 93.5], "std": [0.5, None, None], "n": [2, 0, 1]})
     folder = tmp_path / "new" / "out"
-    where = log_tables({"paper": paper, "plain": plain}, {"bars": BarChart(bars, "cell", "mean", "Top-1")},
+    where = log_tables({"paper": paper, "plain": plain}, {"top1": MeanChart(points, "Top-1", "top-1 (%)")},
                        project="proj", entity="ent", mode="offline", folder=folder, name="my-tables")
     run_folder = offline_run(folder)
     assert where == str(run_folder)
@@ -904,18 +1112,52 @@ def test_log_tables_stores_each_table_and_bar_chart_in_one_report_run(tmp_path, 
     run = record["run"]
     assert (run.project, run.entity, run.job_type, run.display_name) == ("proj", "ent", "report", "my-tables")
     (logged,) = record["history"]
-    assert {key for key in logged if key.endswith("/_type")} == {
-        "tables/paper/_type", "tables/plain/_type", "charts/bars_table/_type"}
+    assert {key: value for key, value in logged.items() if key.endswith("/_type")} == {
+        "tables/paper/_type": "table-file", "tables/plain/_type": "table-file", "charts/top1/_type": "image-file",
+        "charts/top1_table/_type": "table-file"}
     paper_table = table_file(run_folder, logged, "tables/paper")
     assert paper_table["columns"] == ["data set", "model", "SGD", "5"]
     assert paper_table["data"] == [["CIFAR-10", "r18", "91.00 (n=1)", 1.5], ["CIFAR-100", "r18", "", 2.5]]
-    assert table_file(run_folder, logged, "tables/plain") == {**table_file(run_folder, logged, "tables/plain"),
-                                                              "columns": ["setting", "n"], "data": [["s1", 2]]}
-    chart = table_file(run_folder, logged, "charts/bars_table")
-    assert chart["columns"] == ["cell", "mean"] and chart["data"] == [["a", 91.0], ["c", 93.0]]  # no empty bar
-    panel = record["config"]["_wandb/visualize/charts/bars"]["panel_config"]
-    assert panel["fieldSettings"] == {"label": "cell", "value": "mean"} and panel["stringSettings"] == {"title": "Top-1"}
+    plain_table = table_file(run_folder, logged, "tables/plain")
+    assert (plain_table["columns"], plain_table["data"]) == (["setting", "lr", "n"], [["s1", 0.1, 2]])
+    chart = table_file(run_folder, logged, "charts/top1_table")
+    assert chart["columns"] == ["label", "method", "setting", "mean", "std", "n"]
+    assert chart["data"][0] == ["a", "sgd", "s1", 91.25, 0.5, 2] and chart["data"][1][:4] == ["c", "fsam", "s3", 93.5]
+    assert len(chart["data"]) == 2 and math.isnan(chart["data"][1][4])  # no point without a mean
+    image = run_folder / "files" / logged["charts/top1/path"]
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (logged["charts/top1/width"], logged["charts/top1/height"]) == (800, 230)  # two rows: 8 x (0.4 x 2 + 1.5) in
+    assert not plt.get_fignums()  # drawn, logged and closed
     assert not (run_folder / "files" / "output.log").exists()  # the console is not captured
+
+
+def sideways_error_bars(axis) -> list[tuple[str, str, list[tuple[float, float]], list[float]]]:
+    """Per errorbar call with horizontal bars: colour, marker, points and the half-length of each bar."""
+    found = []
+    for container in axis.containers:
+        line, _, (bars,) = container.lines
+        half = [round((segment[1][0] - segment[0][0]) / 2, 6) for segment in bars.get_segments()]
+        found.append((line.get_color(), line.get_marker(), [(float(x), float(y)) for x, y in line.get_xydata()], half))
+    return found
+
+
+def test_a_mean_chart_draws_each_unrounded_mean_with_an_error_bar_of_one_std_in_its_methods_colour():
+    points = pd.DataFrame({"label": ["CIFAR-10 / r18 / SGD", "CIFAR-10 / r18 / F-SAM (λ 0.3)", "x / newmethod"],
+                           "method": ["sgd", "fsam", "newmethod"], "setting": ["a", "b", "c"],
+                           "mean": [91.254, 93.5, 40.0], "std": [0.5, math.nan, 2.125], "n": [2, 1, 3]})
+    figure = figures.mean_chart(points, "Final top-1 per setting", "final-epoch test top-1 (%)")
+    axis = figure.axes[0]
+    # top to bottom in the frame's order: the first row at the highest position
+    assert sideways_error_bars(axis) == [(SGD, "o", [(91.254, 2.0)], [0.5]),
+                                         (FSAM, "o", [(93.5, 1.0)], [0.0]),  # one seed: no spread
+                                         ("black", "o", [(40.0, 0.0)], [2.125])]
+    assert {tick: label.get_text() for tick, label in zip(axis.get_yticks(), axis.get_yticklabels())} == {
+        2: "CIFAR-10 / r18 / SGD: 91.25 ± 0.50 (n=2)", 1: "CIFAR-10 / r18 / F-SAM (λ 0.3): 93.50 (n=1)",
+        0: "x / newmethod: 40.00 ± 2.12 (n=3)"}
+    assert axis.get_xlabel() == "final-epoch test top-1 (%)"
+    assert figure.get_suptitle() == ("Final top-1 per setting\nmean over seeds, bars ± 1 sample standard deviation "
+                                     "(n − 1)")
+    plt.close(figure)
 
 
 def test_log_tables_defaults_to_a_run_named_tables_here_in_the_environments_mode(tmp_path, monkeypatch):
@@ -964,11 +1206,15 @@ def test_backfill_logs_each_finished_run_as_the_run_it_was_and_skips_the_others(
     unidentified = write_run(root, "d-old/seed1")
     (unidentified / "config.yaml").write_text((unidentified / "config.yaml").read_text().replace(
         "  name: sgd\n", "  name: lookahead\n"))
-    logged = backfill([unfinished, first, no_config, unidentified, second], project="proj", entity="ent")
+    edited = write_run(root, "e-edited/seed1")
+    edit_yaml(edited / "config.yaml", lambda record: record["optimizer"].update(lr=0.5))
+    logged = backfill([unfinished, first, no_config, unidentified, edited, second], project="proj", entity="ent")
     assert logged == [str(first), str(second)]
     assert capsys.readouterr().err.splitlines() == [
-        f"skipped: {path} is not a finished run folder" for path in (unfinished, no_config, unidentified)]
-    for skipped in (unfinished, no_config, unidentified):
+        *(f"skipped: {path} is not a finished run folder" for path in (unfinished, no_config, unidentified)),
+        f"skipped: {edited} is damaged: {RunFolder(edited).problem()}"]
+    assert "config.yaml computes setting" in RunFolder(edited).problem()
+    for skipped in (unfinished, no_config, unidentified, edited):
         assert not (skipped / "wandb").exists()
     setting = json.loads((first / "summary.json").read_text())["setting"]
     record = read_run(offline_run(first))

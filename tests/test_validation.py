@@ -131,10 +131,10 @@ def test_tables_choose_by_validation_only_where_runs_have_a_validation_split():
         return frame
 
     summary = summarise(runs(True))
-    assert reported_metrics(summary) == ["best_top1", "final_top1", "test_top1_at_best_val"]
+    assert reported_metrics(summary) == ["final_top1", "test_top1_at_best_val", "best_top1"]
     assert summary.loc[0, "test_top1_at_best_val_mean"] == 89.0
     assert "test top-1 at the best validation epoch (%)" in settings_table(summary)
-    assert reported_metrics(summarise(runs(False))) == ["best_top1", "final_top1"]
+    assert reported_metrics(summarise(runs(False))) == ["final_top1", "best_top1"]
 
 
 def test_optuna_searches_on_validation_and_its_best_value_is_a_runs_best_validation_top1(train_py, isolated_records):

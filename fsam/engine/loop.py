@@ -44,6 +44,9 @@ from fsam.runfolder import (
 
 CHECKPOINT_FORMAT = 1
 MAX_LISTED_DIFFERENCES = 8
+# Per-step wandb points (train/loss, train/lr) a run has at least, one per step in a shorter run: trainer.log_every
+# is the longest interval between them, so a short run still has a curve, not only its epoch points.
+STEP_POINTS = 100
 
 
 @dataclass
@@ -226,6 +229,7 @@ class _Trainer:
             self.say(f"note: trainer.full_grad_analysis_every measures F-SAM's EMA; {opt.name} has none, so nothing "
                      "is measured")
         self.steps_per_epoch = len(self.data.train)
+        self.wandb_every = max(1, min(trainer.log_every, self.steps_per_epoch * trainer.epochs // STEP_POINTS))
         self.schedule = create_schedule(
             self.optimizer, config.schedule, lr=opt.lr, steps_per_epoch=self.steps_per_epoch, epochs=trainer.epochs
         )
@@ -430,12 +434,12 @@ class _Trainer:
         summary = self._summary()
         if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
             self.folder.write_summary(summary, epochs=len(progress.metrics))
-        self.mirror.finish(summary)
         self.say(
             f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
             f"{summary['best_epoch']}) in {summary['wall_time_s']:.0f} s\n"
             f"records: {self.folder.path} (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
         )
+        self.mirror.finish(summary)  # last: an offline run ends the output with how to upload it
         return summary
 
     def _train_epoch(self) -> None:
@@ -469,7 +473,8 @@ class _Trainer:
             bar.update(len(targets))
             if progress.global_step % trainer.log_every == 0:
                 bar.set_postfix(loss=f"{self._check_finite():.4f}", lr=f"{self._lr():.4g}")
-                self._log_steps(step_lr)
+            if progress.global_step % self.wandb_every == 0 or progress.batch == self.steps_per_epoch:
+                self._log_steps(step_lr)  # the epoch's last step too: every step is in one point
             every = trainer.checkpoint_every_steps
             if every and progress.global_step % every == 0 and progress.batch < self.steps_per_epoch:
                 self._check_finite()

@@ -1,22 +1,25 @@
 """A live view of the run in Weights & Biases; the run folder stays the record.
 
 The mirror gets the checked config (with the run's identity), the training loss and learning rate every
-``trainer.log_every`` steps (``train/loss``, ``train/lr``), each epoch's metrics row under ``train/``, ``test/`` and
+``trainer.log_every`` steps or more often in a short run, and at each epoch's last step (``train/loss``,
+``train/lr``; ``fsam.engine.loop.STEP_POINTS``), each epoch's metrics row under ``train/``, ``test/`` and
 ``time/`` (:data:`EPOCH_KEYS`), the whole summary (nested values kept) and the console output. Logging never stops training: if wandb is missing or any call fails, one warning is printed and the
 mirror turns itself off. ``mode: online`` and ``auto`` go online only with an API key (``WANDB_API_KEY`` or a netrc entry)
 and a reachable server; otherwise (one warning) the run is written offline under ``<run_dir>/wandb/`` and can be
 uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. A ``WANDB_MODE`` in the environment decides
-``auto`` too.
+``auto`` too. A finished offline run prints where it is and the exact ``wandb sync`` command for its folders (one per
+launch).
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fsam.config import LoggerConfig
-from fsam.wandbio import epoch_record, resolve_mode
+from fsam.wandbio import epoch_record, offline_note, resolve_mode
 
 __all__ = ["WandbMirror", "epoch_record", "new_run_id", "resolve_mode"]
 
@@ -41,6 +44,7 @@ class WandbMirror:
         self.group = config.group or group
         self.name = config.name or name
         self.run: Any = None
+        self.offline = False
 
     def start(self, plain_config: dict[str, Any], *, resumed: bool) -> None:
         if self.config.backend != "wandb":
@@ -56,6 +60,7 @@ class WandbMirror:
             return
         try:
             mode, reason = resolve_mode(self.config.mode)
+            self.offline = mode == "offline"
             if reason:
                 print(
                     f"warning: wandb {reason}: logging offline to {self.run_dir}/wandb; upload later with "
@@ -101,6 +106,11 @@ class WandbMirror:
             self.run.finish(exit_code=1 if failed else 0)
         except Exception as error:  # noqa: BLE001
             self._give_up("finish", error)
+        else:
+            # a resumed run continues the same wandb run from a new folder: every launch's folder is uploaded
+            launches = sorted(Path(self.run_dir, "wandb").glob(f"offline-run-*-{self.run_id}"))
+            if self.offline and not failed and launches:
+                print(offline_note("the run", launches), flush=True)
         self.run = None
 
     def _give_up(self, action: str, error: Exception) -> None:

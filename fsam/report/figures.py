@@ -9,6 +9,7 @@ standard deviation (drawn only with two or more seeds).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,13 +21,12 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fsam.report.runs import load_metrics  # noqa: E402
-from fsam.report.tables import METHOD_NAMES, METHOD_ORDER, METRICS, row_label  # noqa: E402
+from fsam.report.tables import (  # noqa: E402
+    METHOD_NAMES, METHOD_ORDER, METRICS, VARIANT_KEYS, row_label, setting_labels,
+)
 
 METHOD_COLORS = {"sgd": "#7f7f7f", "sam": "#1f77b4", "fsam": "#d62728", "asam": "#2ca02c", "fasam": "#ff7f0e",
                  "sam-full-gradient-only": "#17becf", "sam-noise-only": "#9467bd"}
-# What may tell two settings of one method apart in a legend, in the order it is named, and how it is written.
-VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
-                "batch_size": "batch", "base": "base"}
 LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
 
 
@@ -59,18 +59,6 @@ def _method_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
-def _labels(settings: pd.DataFrame) -> dict[str, str]:
-    """A legend label per setting: the method's name, plus the values that differ between settings of it."""
-    labels = {}
-    for method, group in settings.groupby("optimizer"):
-        varying = [key for key in VARIANT_KEYS if key in group and group[key].nunique(dropna=False) > 1]
-        for _, row in group.iterrows():
-            extra = ", ".join(f"{VARIANT_KEYS[key]} {row[key]:g}" if isinstance(row[key], float)
-                              else f"{VARIANT_KEYS[key]} {row[key]}" for key in varying)
-            labels[row["setting"]] = METHOD_NAMES.get(method, method) + (f" ({extra})" if extra else "")
-    return labels
-
-
 def one_setting_per_method(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The runs of one setting per data set, model and method: the one with the most finished seeds (then the
     first by name), as in the tables' paper layout; and a note for each setting left out."""
@@ -101,7 +89,7 @@ def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = Fa
     for (dataset, model), panel in usable.groupby("panel"):
         figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
         settings = panel.drop_duplicates("setting")
-        labels = _labels(settings)
+        labels = setting_labels(settings)
         ordered = sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting]))
         styles = LINE_STYLES
         seen_per_method: dict[str, int] = {}
@@ -136,7 +124,7 @@ def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = Fa
     return written, notes
 
 
-def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "final_top1") -> list[Path]:
     """Per data set and model: F-SAM's mean ``metric`` over λ (rows) × σ (columns), each cell annotated with its
     mean and n; drawn where at least two λ or two σ values have finished runs."""
     written: list[Path] = []
@@ -175,7 +163,7 @@ def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "bes
     return written
 
 
-def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "best_top1") -> list[Path]:
+def noise_plot(summary: pd.DataFrame, folder: Path, metric: str = "final_top1") -> list[Path]:
     """Per data set, model and noise kind: ``metric`` against the label-noise rate, one line per method (the
     clean runs of the same data set and model are the 0 % point); error bars ± 1 std."""
     written: list[Path] = []
@@ -239,3 +227,26 @@ def ema_agreement(runs: pd.DataFrame, folder: Path) -> list[Path]:
         figure.tight_layout()
         written += _save(figure, folder, f"ema_vs_full_gradient_{_slug(run.setting, f'seed{run.seed}')}")
     return written
+
+
+def mean_chart(points: pd.DataFrame, title: str, value_label: str) -> plt.Figure:
+    """One row per entry of ``points``, top to bottom in its order: the ``mean`` of ``label`` as a dot in the colour
+    of ``method`` with an error bar of ± ``std`` (none for one seed), its numbers in the row's name
+    (``label: mean ± std (n=…)``). Dots, not bars from zero: close methods differ by less than a bar drawn from zero
+    can show, and the error bars must stay readable. For the wandb report (its own bar chart has no error bars);
+    the caller closes the figure."""
+    figure, axis = plt.subplots(figsize=(8, 0.4 * len(points) + 1.5))
+    positions = np.arange(len(points))[::-1]
+    names = []
+    for position, label, method, mean, std, n in zip(positions, points["label"], points["method"], points["mean"],
+                                                     points["std"], points["n"]):
+        axis.errorbar(mean, position, xerr=0.0 if pd.isna(std) else std, fmt="o", capsize=3,
+                      color=METHOD_COLORS.get(method, "black"))
+        names.append(f"{label}: {mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}") + f" (n={int(n)})")
+    axis.set_yticks(positions, names, fontsize=8)
+    axis.set_xlabel(textwrap.fill(value_label, 50))  # centred under the axes: a long one would leave the figure
+    axis.grid(axis="x", alpha=0.3)
+    # over the whole figure, not the axes: the row names take the left part of it
+    figure.suptitle(f"{title}\nmean over seeds, bars ± 1 sample standard deviation (n − 1)", fontsize=10)
+    figure.tight_layout()
+    return figure

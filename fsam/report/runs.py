@@ -4,7 +4,8 @@ Each folder is read through :class:`fsam.runfolder.RunFolder`: ``config.yaml`` (
 config), ``metrics.jsonl`` (one JSON object per epoch) and, once finished, ``summary.json``. Runs are grouped by
 their ``setting`` (what they compute, see :mod:`fsam.runfolder`), never by a fixed list of keys. Folders without
 ``summary.json`` are reported as unfinished (or diverged when ``status.json`` says so), never mixed into the
-finished results.
+finished results. A folder whose records do not verify (:meth:`fsam.runfolder.RunFolder.problem`: a record that
+does not parse, a config edited after the run) is damaged: listed with its problem, never tabulated.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CONFIG_COLUMNS = {
 # SAM with an analysis direction (optimizer.perturbation) is its own method in tables, under the names
 # results/known-results.csv gives the paper's Figure-1 values.
 PERTURBATION_METHODS = {"full": "sam-full-gradient-only", "noise": "sam-noise-only"}
+# The files a run folder is found by; a folder with any of them is a run (one without config.yaml is damaged).
+RECORDS = ("config.yaml", "summary.json", "metrics.jsonl")
 
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -49,23 +52,32 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(read_metrics(Path(run_dir) / "metrics.jsonl"))
 
 
+def run_folders(root: str | Path) -> list[Path]:
+    """The folders under ``root`` (``root`` itself included) that hold a run record: config.yaml, summary.json or
+    metrics.jsonl. wandb's own folders are not runs (an online run keeps a config.yaml of its own there)."""
+    root = Path(root)
+    return sorted({path.parent for name in RECORDS for path in root.rglob(name)
+                   if "wandb" not in path.relative_to(root).parts})
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder found under ``root``: its setting, config columns, status and the summary's figures.
 
     ``model`` is the network as built (``pyramidnet8`` for a PyramidNet of depth 8), ``model_parameters`` its
     parameter count where the run recorded it. A hyperparameter the run's method never reads (SGD's ``rho``) is
-    empty. ``status`` is finished, diverged, running (a process holds the folder now) or unfinished.
+    empty. ``status`` is finished, diverged, running (a process holds the folder now), unfinished or damaged: its
+    records do not verify, ``problem`` says why, and it has no setting (nothing of it is tabulated).
     """
     rows = []
-    for config_path in sorted(Path(root).rglob("config.yaml")):
-        folder = RunFolder(config_path.parent)
+    for path in run_folders(root):
+        folder = RunFolder(path)
+        problem = folder.problem()
         config, identity = folder.read_config()
-        if config is None:
-            continue
+        config = config or {}
         model = config.get("model") or {}
         row: dict[str, Any] = {
             "run_dir": str(folder.path),
-            "setting": identity["setting"] if identity else None,
+            "setting": identity["setting"] if identity and problem is None else None,
             "model": model_label(model.get("name", "?"), model_kwargs(model.get("name", "?"), model.get("kwargs") or {}))
             if identity else model.get("name"),
             "model_parameters": ((identity or {}).get("model") or {}).get("parameters"),
@@ -77,12 +89,19 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         perturbation = lookup(config, "optimizer.perturbation")
         if row["optimizer"] == "sam" and perturbation in PERTURBATION_METHODS:
             row["optimizer"] = PERTURBATION_METHODS[perturbation]
-        row["status"] = folder.state()
-        summary = folder.finished_summary()
+        row["status"], row["problem"] = ("damaged", problem) if problem else (folder.state(), None)
+        summary = folder.finished_summary() if problem is None else None
         if summary is not None:
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def damaged(runs: pd.DataFrame) -> list[str]:
+    """``damaged: <folder>: <problem>``, one line per run folder whose records do not verify."""
+    if "status" not in runs:
+        return []
+    return [f"damaged: {row.run_dir}: {row.problem}" for row in runs[runs["status"] == "damaged"].itertuples()]
 
 
 def runs_under(root: str | Path | None) -> pd.DataFrame:

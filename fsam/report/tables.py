@@ -1,27 +1,40 @@
 """Tables from run folders: one row per setting (seeds aggregated), the paper's layout, the published numbers.
 
     runs = load_runs("runs/")
-    settings = summarise(runs, seeds_expected=3)         # one row per setting, best- and final-epoch top-1
-    layout = paper_layout(settings, "best_top1", load_known("results/known-results.csv"))
-    layout.table, layout.notes                           # rows data set x model, columns methods; what was chosen
+    settings = summarise(runs, seeds_expected=3)         # one row per setting: mean, std and n of each metric
+    layout = paper_layout(settings, "final_top1", load_known("results/known-results.csv"))
+    layout.table, layout.values, layout.notes            # the cells as text and as numbers; what was chosen
 
 Runs are grouped by their setting's digest (what they compute), never by a fixed list of keys. Only finished runs
-are averaged; unfinished, running and diverged ones are counted beside them.
+are averaged; unfinished, running and diverged ones are counted beside them. ± is the sample standard deviation
+over seeds (n − 1 denominator).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-# The epoch a figure comes from: the best by test accuracy (as the paper reports), the last, or the best by
-# validation accuracy (runs with dataset.val_split only: the pick that never looked at the test split).
-METRICS = {"best_top1": "best-epoch test top-1 (%)", "final_top1": "final-epoch test top-1 (%)",
-           "test_top1_at_best_val": "test top-1 at the best validation epoch (%)"}
+from fsam.runfolder import DIGEST_LENGTH
+
+# The epoch a figure comes from, headline first: the last (nothing chosen), the best by validation accuracy (runs
+# with dataset.val_split only: chosen without the test split), and the best by test accuracy, as the paper reports,
+# only as a diagnostic: an epoch chosen on the test set overstates what a model chosen without it scores.
+METRICS = {"final_top1": "final-epoch test top-1 (%)",
+           "test_top1_at_best_val": "test top-1 at the best validation epoch (%)",
+           "best_top1": "test top-1 at the best test epoch (%; diagnostic: chosen on the test set)"}
+CHOSEN = {"final_top1": "the last epoch's test top-1, no epoch is chosen",
+          "test_top1_at_best_val": "the test top-1 at the epoch of the best validation top-1 (runs with a validation "
+                                   "split, dataset.val_split)",
+          "best_top1": "the highest test top-1 of any epoch, so the epoch is chosen on the test set and the number "
+                       "overstates what a model chosen without it scores: a diagnostic, not a result"}
+SPREAD = ("Cells: mean ± sample standard deviation over the finished seeds (n − 1 denominator; no ± for one seed), "
+          "n finished seeds")
 KNOWN_METRIC = {"best_top1": "top1_best", "final_top1": "top1_final"}
 STATES = ("unfinished", "running", "diverged")
 # Shown beside each setting; the hyperparameters a method never reads are empty (fsam.report.runs).
@@ -37,12 +50,15 @@ PAPER_DATASETS = ["cifar10", "cifar100"]
 PAPER_METHODS = ["sgd", "sam", "fsam"]
 # Columns of known-results.csv that, where filled, must match the setting for a published number to apply.
 KNOWN_MATCH = {"rho": "rho", "lambda": "lmbda", "sigma": "sigma", "epochs": "epochs", "batch": "batch_size"}
+# What may tell two settings of one method apart in a label, in the order it is named, and how it is written.
+VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
+                "batch_size": "batch", "base": "base"}
 
 
 def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataFrame:
-    """One row per setting: its describing columns; for each metric the mean, the standard deviation (only with
-    two or more seeds) and n, over its finished runs; the counts of unfinished, running and diverged runs (never
-    averaged); ``short`` when fewer finished seeds than ``seeds_expected``."""
+    """One row per setting: its describing columns; for each metric the mean, the sample standard deviation (n − 1
+    denominator, only with two or more seeds) and n, over its finished runs; the counts of unfinished, running and
+    diverged runs (never averaged); ``short`` when fewer finished seeds than ``seeds_expected``."""
     columns = ["setting", *DESCRIBE_COLUMNS, "n", *STATES, "short"]
     columns += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "std")]
     if runs.empty or "setting" not in runs:
@@ -57,13 +73,30 @@ def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataF
         for metric in METRICS:
             values = finished[metric].astype(float) if metric in finished else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
-            row[f"{metric}_std"] = values.std() if len(values) >= 2 else math.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) >= 2 else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
 
+def setting_labels(settings: pd.DataFrame) -> dict[str, str]:
+    """A label per setting: the method's name, plus the values that differ between settings of it; where those do
+    not tell two settings apart (they differ in a key not shown, such as the augmentation), the end of the setting's
+    name (its digest) is added to each of them."""
+    labels = {}
+    for method, group in settings.groupby("optimizer"):
+        varying = [key for key in VARIANT_KEYS if key in group and group[key].nunique(dropna=False) > 1]
+        for _, row in group.iterrows():
+            extra = ", ".join(f"{VARIANT_KEYS[key]} {row[key]:g}" if isinstance(row[key], float)
+                              else f"{VARIANT_KEYS[key]} {row[key]}" for key in varying)
+            labels[row["setting"]] = METHOD_NAMES.get(method, method) + (f" ({extra})" if extra else "")
+    alike = Counter(labels.values())
+    return {setting: label if alike[label] == 1 else f"{label} [{setting[-DIGEST_LENGTH:]}]"
+            for setting, label in labels.items()}
+
+
 def format_cell(mean: float, std: float, n: int, counts: dict[str, int] | None = None, short: bool = False) -> str:
-    """``81.32 ± 0.12 (n=3)``; no ± for one seed; ``—`` without a finished run; other runs counted after it."""
+    """``81.32 ± 0.12 (n=3)``: mean ± sample standard deviation; no ± for one seed; ``—`` without a finished run;
+    other runs counted after it."""
     text = "—" if n == 0 or math.isnan(mean) else f"{mean:.2f}" + (f" ± {std:.2f}" if n >= 2 else "")
     extra = [f"n={n}"] + [f"{count} {state}" for state, count in (counts or {}).items() if count]
     return f"{text} ({'; '.join(extra)})" + (" †" if short else "")
@@ -93,13 +126,31 @@ def published_value(known: pd.DataFrame, row: pd.Series, metric: str) -> tuple[f
     return None
 
 
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def settings_caption(metrics: list[str]) -> str:
+    """What the per-setting table of ``metrics`` shows and how each number was chosen."""
+    chosen = " ".join(f"{_sentence(METRICS[metric])}: {CHOSEN[metric]}." for metric in metrics)
+    return f"Results per setting. {SPREAD}. {chosen}"
+
+
+def layout_caption(metric: str) -> str:
+    """What ``metric``'s paper layout shows, how its numbers were chosen, and what its published column holds."""
+    return (f"{_sentence(METRICS[metric])}: {CHOSEN[metric]}. {SPREAD}. Published: the published value with its "
+            "source and our difference (Δ); not available where none could be obtained for that setting.")
+
+
 @dataclass
 class Layout:
     """The paper layout of one metric: ``table`` (rows data set x model, two columns per method: the result and
-    the published value with the difference) and ``notes`` (which setting a cell shows when it has several)."""
+    the published value with the difference, as text), ``values`` (the same cells as numbers, one row per cell)
+    and ``notes`` (which setting a cell shows when it has several)."""
 
     metric: str
     table: pd.DataFrame
+    values: pd.DataFrame = field(default_factory=pd.DataFrame)
     notes: list[str] = field(default_factory=list)
 
 
@@ -117,6 +168,7 @@ def paper_layout(summary: pd.DataFrame, metric: str, known: pd.DataFrame | None 
     if summary.empty:
         return layout
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    values = []
     methods = [m for m in METHOD_ORDER if m in set(summary["optimizer"])]
     methods += sorted(set(summary["optimizer"]) - set(methods))
     for (dataset, method), group in summary.groupby([summary.apply(row_label, axis=1), "optimizer"], sort=False):
@@ -130,29 +182,33 @@ def paper_layout(summary: pd.DataFrame, metric: str, known: pd.DataFrame | None 
         counts = {state: int(chosen[state]) for state in STATES}
         name = METHOD_NAMES.get(method, method)
         row = cells.setdefault(dataset, {})
-        row[name] = format_cell(chosen[f"{metric}_mean"], chosen[f"{metric}_std"], int(chosen["n"]), counts,
-                                bool(chosen["short"]))
-        published = published_value(known, chosen, metric)
-        if published is None:
-            row[f"{name} published"] = "not published"
+        mean, std, n = chosen[f"{metric}_mean"], chosen[f"{metric}_std"], int(chosen["n"])
+        row[name] = format_cell(mean, std, n, counts, bool(chosen["short"]))
+        value, source = published_value(known, chosen, metric) or (math.nan, None)
+        if source is None:
+            row[f"{name} published"] = "not available"
         else:
-            value, source = published
-            mean = chosen[f"{metric}_mean"]
             difference = "" if math.isnan(mean) else f", Δ {mean - value:+.2f}"
             row[f"{name} published"] = f"{value:.2f} [{source}]{difference}"
+        values.append({"dataset": dataset[0], "model": dataset[1], "method": name, "setting": chosen["setting"],
+                       "mean": mean, "std": std, "n": n, **counts, "short": bool(chosen["short"]),
+                       "published": value, "published_source": source, "difference": mean - value})
     ordered = [column for method in methods for column in
                (METHOD_NAMES.get(method, method), f"{METHOD_NAMES.get(method, method)} published")]
     table = pd.DataFrame.from_dict(cells, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["data set", "model"])
     layout.table = table.reindex(columns=ordered).fillna("").sort_index()
+    order = {METHOD_NAMES.get(method, method): position for position, method in enumerate(methods)}
+    layout.values = pd.DataFrame(sorted(values, key=lambda cell: (cell["dataset"], cell["model"],
+                                                                  order[cell["method"]])))
     return layout
 
 
 def reported_metrics(summary: pd.DataFrame) -> list[str]:
-    """The metrics of ``METRICS`` some setting has a value for (the validation pick only with a validation
-    split); the best and final epochs always."""
+    """The metrics of ``METRICS``, headline first, that some setting has a value for (the validation pick only
+    with a validation split); the final and best test epochs always."""
     return [metric for metric in METRICS
-            if metric in ("best_top1", "final_top1") or summary[f"{metric}_mean"].notna().any()]
+            if metric in ("final_top1", "best_top1") or summary[f"{metric}_mean"].notna().any()]
 
 
 def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -169,6 +225,18 @@ def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
         table = table.drop(columns=["noise", "noise_ratio"])
     table = table.dropna(axis="columns", how="all")
     return table.astype(object).where(table.notna(), "")  # a key the method does not read is blank, not "nan"
+
+
+def settings_numbers(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-setting table with its numbers as numbers, to sort and plot (the wandb report): the columns of
+    :func:`settings_table` (a hyperparameter the method does not read is empty, not ""), beside each formatted cell
+    its mean and std, then n and the counts of the runs not averaged."""
+    formatted = settings_table(summary)
+    table = summary[[column for column in formatted if column in summary]].copy()
+    for metric in reported_metrics(summary):
+        table[METRICS[metric]] = formatted[METRICS[metric]]
+        table[f"{metric}_mean"], table[f"{metric}_std"] = summary[f"{metric}_mean"], summary[f"{metric}_std"]
+    return table.join(summary[["n", *STATES]])
 
 
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
@@ -202,7 +270,7 @@ def _latex_cell(value: Any) -> str:
 def _latex_escape(text: str) -> str:
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "†": r"$^\dagger$"}
+                    "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "−": r"$-$", "†": r"$^\dagger$"}
     return "".join(replacements.get(character, character) for character in text)
 
 
