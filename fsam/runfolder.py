@@ -35,6 +35,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from importlib import metadata
@@ -97,6 +98,9 @@ SAM_FAMILY_KEYS = ("rho", "sigma", "lmbda", "eta", "ema_order", "perturbation", 
 BASE_KEYS = {"sgd": ("momentum", "nesterov"), "adamw": ("betas",)}
 
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "hydra-core", "omegaconf", "wandb", "fsam")
+
+
+HOLDER_RECORD_TRIES = 40  # 2 s at most for a holder between taking the lock and writing who it is
 
 
 class RunFolderError(FsamError):
@@ -453,7 +457,13 @@ class RunLock:
         self._descriptor, self._identity = descriptor, (status.st_dev, status.st_ino)
 
     def _held_message(self) -> str:
-        holder = read_json(self.path) or {}
+        # The holder takes the lock, then writes who it is: a launch refused in between waits for the record.
+        holder: dict[str, Any] = {}
+        for _ in range(HOLDER_RECORD_TRIES):
+            holder = read_json(self.path) or {}
+            if "pid" in holder:
+                break
+            time.sleep(0.05)
         who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
         if holder.get("slurm_job"):
             who += f" (SLURM job {holder['slurm_job']})"

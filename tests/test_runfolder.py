@@ -554,3 +554,24 @@ def test_an_option_added_after_the_identity_version_renames_no_existing_run():
     for key, old in ADDED_KEYS.items():
         assert identity({key: old}) == identity({}), key  # the value every earlier run computed with
         assert key in OTHER_VALUE and OTHER_VALUE[key] != old
+
+
+def test_a_launch_refused_while_the_holder_writes_who_it_is_still_names_the_holder(tmp_path):
+    """The holder takes the lock before it writes its record: a second launch in between waits for the record
+    instead of saying 'in use by pid ? on ?'."""
+    import fcntl
+    import threading
+
+    from fsam.runfolder import RunHeldError
+
+    descriptor = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    record = json.dumps({"pid": 4242, "host": "node7", "since": "2026-12-06T01:00:00"}).encode() + b"\n"
+    writer = threading.Timer(0.3, lambda: os.pwrite(descriptor, record, 0))
+    writer.start()
+    try:
+        with pytest.raises(RunHeldError, match="is in use by pid 4242 on node7 since 2026-12-06T01:00:00: "):
+            RunLock(tmp_path).acquire()
+    finally:
+        writer.join()
+        os.close(descriptor)

@@ -1,20 +1,20 @@
 """Hydra's launchers with progress a person can see (Hydra loads launchers only from the ``hydra_plugins``
 namespace package, so they live here, outside the library; only configs and train.py name them).
 
-``configs/hydra/launcher/{basic,local,slurm}.yaml`` point ``_target_`` here. Each launcher is Hydra's own (or
+``configs/hydra/launcher/{inprocess,local,slurm,preview}.yaml`` point ``_target_`` here. Each launcher is Hydra's own (or
 hydra-submitit-launcher's) and adds lines on the launching terminal:
 
 * before the first job starts, every job is composed and checked (:mod:`.jobs`): a grid sweep with a bad job
   names every bad job and starts none; jobs that are one run train once;
-* in-process sweeps (``inprocess``): after each job, its outcome (finished, skipped, refused, diverged, failed) and
+* in-process sweeps (``inprocess``): after each job, its outcome (:data:`.jobs.OUTCOMES`) and
   ``sweep: k of n jobs done (...), <elapsed>, about <time> left``;
 * submitit sweeps (``local``, ``slurm``): each job's log file when it is submitted, then a line with its outcome as
   each job ends, with the same count and estimate, while Hydra waits for the results;
 * at the end, a sweep in which a job did not finish raises one error naming those jobs (exit status 2);
 * ``preview`` (``train.py --dry-run``): each job's run folder and state, nothing trained or written.
 
-The estimate is the mean time of the jobs that trained so far times the jobs left (skipped finished runs take
-seconds and are not counted), divided by how many run at once.
+The estimate is the mean time of the jobs that finished training so far times the jobs left (skipped and refused
+jobs take seconds and are not counted), divided by how many run at once.
 """
 
 from __future__ import annotations
@@ -36,15 +36,6 @@ from hydra_plugins.fsam_launchers.jobs import (
 )
 
 POLL_SECONDS = 5.0
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def duration(seconds: float) -> str:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-# How a job ended. A sweep succeeds when every job is finished or skipped.
-OUTCOMES = ("finished", "skipped", "refused", "diverged", "failed")
+# How a job ended: trained to the end; skipped (finished before, or the same run as an earlier job of the sweep);
+# refused (a value the schema does not allow, or its folder in use: nothing trained); diverged; failed (any other
+# error); stopped (a signal: it continues from its checkpoint when relaunched). A sweep succeeds when every job
+# finished or was skipped.
+OUTCOMES = ("finished", "skipped", "refused", "diverged", "failed", "stopped")
 SUCCESSES = ("finished", "skipped")
 
 
