@@ -27,7 +27,7 @@ from fsam.errors import FsamError
 from fsam.report import load_runs
 from fsam.report.runs import damaged, runs_under
 from fsam.report.tables import (
-    format_cell, layout_caption, paper_layout, published_value, reference_table, reported_metrics, row_label,
+    format_cell, layout_caption, load_known, paper_layout, published_value, reference_table, reported_metrics, row_label,
     setting_labels, settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
 )
 from fsam.report.wandb_upload import MeanChart, _plain, backfill, log_tables
@@ -1229,3 +1229,14 @@ def test_backfill_logs_each_finished_run_as_the_run_it_was_and_skips_the_others(
     assert record["summary"]["best_top1"] == 90.0 and record["summary"]["final_top1"] == 90.0
     assert "nothing" not in record["summary"]  # empty values are not sent
     assert read_run(offline_run(second))["run"].display_name == f"{setting}-seed2"
+
+
+def test_a_number_of_the_authors_release_applies_only_to_a_run_of_their_recipe():
+    """The release's SAM number is compared with a run that has the release's initialisation and trains on each
+    epoch's last batch, never with paper_cifar100_resnet18's own initialisation and dropped last batch."""
+    known = load_known(Path(__file__).resolve().parents[1] / "results" / "known-results.csv")
+    release = pd.Series({"dataset": "cifar100", "model": "resnet18", "optimizer": "sam", "rho": 0.2, "lmbda": None,
+                         "sigma": None, "epochs": 200, "batch_size": 128, "init": "release", "last_batch": "kept"})
+    assert published_value(known, release, "final_top1") == (80.78, "authors-release-log")
+    for changed in ({"init": "ours"}, {"last_batch": "dropped"}, {"init": None}):
+        assert published_value(known, pd.Series({**release, **changed}), "final_top1") is None, changed

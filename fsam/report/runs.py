@@ -86,6 +86,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         row.update({
             column: None if key in unused else lookup(config, key) for column, key in CONFIG_COLUMNS.items()
         })
+        # What the release's numbers also depend on, beyond the hyperparameters (known-results.csv matches them).
+        row["init"] = model_kwargs(model.get("name", "?"), model.get("kwargs") or {}).get("init") if identity else None
+        row["last_batch"] = "dropped" if lookup(config, "dataset.drop_last") in (None, True) else "kept"
         perturbation = lookup(config, "optimizer.perturbation")
         if row["optimizer"] == "sam" and perturbation in PERTURBATION_METHODS:
             row["optimizer"] = PERTURBATION_METHODS[perturbation]

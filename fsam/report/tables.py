@@ -50,6 +50,9 @@ PAPER_DATASETS = ["cifar10", "cifar100"]
 PAPER_METHODS = ["sgd", "sam", "fsam"]
 # Columns of known-results.csv that, where filled, must match the setting for a published number to apply.
 KNOWN_MATCH = {"rho": "rho", "lambda": "lmbda", "sigma": "sigma", "epochs": "epochs", "batch": "batch_size"}
+# The same for the recipe's other choices, by name: the initialisation (ours or the release's) and whether each
+# epoch's last partial batch is trained on (a number of the authors' release applies only to their recipe).
+KNOWN_RECIPE = ("init", "last_batch")
 # What may tell two settings of one method apart in a label, in the order it is named, and how it is written.
 VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "lmbda": "λ", "epochs": "epochs",
                 "batch_size": "batch", "base": "base"}
@@ -67,7 +70,8 @@ def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataF
     for setting, group in runs[runs["setting"].notna()].groupby("setting", sort=True):
         finished = group[group["status"] == "finished"]
         first = (finished if len(finished) else group).iloc[0]
-        row: dict[str, Any] = {"setting": setting, **{c: first.get(c) for c in DESCRIBE_COLUMNS}, "n": len(finished)}
+        row: dict[str, Any] = {"setting": setting, **{c: first.get(c) for c in (*DESCRIBE_COLUMNS, *KNOWN_RECIPE)},
+                               "n": len(finished)}
         row.update({state: int((group["status"] == state).sum()) for state in STATES})
         row["short"] = seeds_expected is not None and len(finished) < seeds_expected
         for metric in METRICS:
@@ -109,7 +113,7 @@ def load_known(path: str | Path) -> pd.DataFrame:
 
 def published_value(known: pd.DataFrame, row: pd.Series, metric: str) -> tuple[float, str] | None:
     """The published ``metric`` for the setting ``row`` and its source, where known-results.csv has one for its
-    data set, model, method and every hyperparameter the CSV fills in."""
+    data set, model, method and every hyperparameter and recipe choice (:data:`KNOWN_RECIPE`) the CSV fills in."""
     if known is None or known.empty or metric not in KNOWN_METRIC:
         return None
     candidates = known[
@@ -121,7 +125,7 @@ def published_value(known: pd.DataFrame, row: pd.Series, metric: str) -> tuple[f
             pd.isna(entry[column]) or (row.get(key) is not None and not pd.isna(row.get(key))
                                        and math.isclose(float(entry[column]), float(row[key])))
             for column, key in KNOWN_MATCH.items()
-        ):
+        ) and all(pd.isna(entry.get(column)) or entry.get(column) == row.get(column) for column in KNOWN_RECIPE):
             return float(entry["value"]), str(entry["source"])
     return None
 
