@@ -90,7 +90,9 @@ def train(cfg: DictConfig) -> JobOutcome:
         message = first_line(error)
         raise
     finally:
-        fsam_launchers.job_ended(outcome, time.monotonic() - started, message)
+        reported = fsam_launchers.job_ended(outcome, time.monotonic() - started, message)
+        if not reported and message and outcome != "stopped" and HydraConfig.get().mode == RunMode.MULTIRUN:
+            report(message)  # a submitit job: its log says why it did not finish (the launcher reads its result)
 
 
 def check_tuning(config: RunConfig) -> None:
