@@ -224,8 +224,8 @@ def test_a_run_prints_what_it_trains_each_epoch_and_the_end(small, capsys):
             f"{row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%  lr "
             f"{row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
         )
-    assert lines[3] == (f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
-                        f"{summary['best_epoch']}) in {summary['wall_time_s']:.0f} s")
+    assert lines[3] == (f"finished: final test top-1 {summary['final_top1']:.2f}% (best test epoch, a diagnostic: "
+                        f"{summary['best_top1']:.2f}% at epoch {summary['best_epoch']}) in {summary['wall_time_s']:.0f} s")
     assert lines[4] == f"records: {config['run_dir']} (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
     assert len(lines) == 5
 

@@ -435,8 +435,8 @@ class _Trainer:
         if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
             self.folder.write_summary(summary, epochs=len(progress.metrics))
         self.say(
-            f"finished: test top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
-            f"{summary['best_epoch']}) in {summary['wall_time_s']:.0f} s\n"
+            f"finished: final test top-1 {summary['final_top1']:.2f}% (best test epoch, a diagnostic: "
+            f"{summary['best_top1']:.2f}% at epoch {summary['best_epoch']}) in {summary['wall_time_s']:.0f} s\n"
             f"records: {self.folder.path} (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
         )
         self.mirror.finish(summary)  # last: an offline run ends the output with how to upload it
