@@ -43,7 +43,7 @@ BASE_OPTIMIZERS = ("sgd", "adamw")
 PRECISION_MODES = ("bf16", "fp16", "off")
 # fsam.models.available_models(): the CIFAR-stem models written here and the short names of timm models
 MODEL_NAMES = (
-    "deit_small", "pyramidnet110", "resnet18", "resnet34", "resnet50", "resnet50_imagenet", "vgg16_bn",
+    "deit_small", "mlp", "pyramidnet110", "resnet18", "resnet34", "resnet50", "resnet50_imagenet", "vgg16_bn",
     "vgg16_bn_release", "vit_cifar", "vit_small", "wrn16_8", "wrn16_8_release", "wrn28_10", "wrn28_10_release",
 )
 TIMM_PREFIX = "timm:"
@@ -62,4 +62,5 @@ MODEL_DEFAULTS = {
     "vgg16_bn": {"init": "ours"},
     "vgg16_bn_release": {"init": "release"},
     "vit_cifar": {"patch_size": 4},
+    "mlp": {"width": 512, "depth": 2, "batch_norm": True, "init": "ours"},
 }

@@ -294,3 +294,10 @@ def test_the_slurm_examples_compose_and_pass_the_schema(script):
         text = path.read_text()
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=USR1@" in text
         assert "scontrol requeue" in text and "138" in text  # 128 + SIGUSR1: the run checkpointed and stopped
+
+
+@pytest.mark.parametrize("key, given_by", [("image_size", "dataset.image_size"), ("pretrained", "model.pretrained"),
+                                           ("pretrained_path", "model.pretrained_path")])
+def test_a_model_kwarg_that_another_key_gives_is_refused_by_name(key, given_by):
+    with pytest.raises(ConfigError, match=f"model.kwargs.{key} is not allowed: it is given by {given_by}; set that"):
+        load_config({"model": {"name": "mlp", "kwargs": {key: 8}}})

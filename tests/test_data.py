@@ -374,9 +374,21 @@ def test_bad_noise_settings_name_their_key(spec, key):
         NoiseSpec(**spec)
 
 
-def test_asymmetric_noise_is_refused_where_no_class_map_exists():
-    with pytest.raises(ConfigError, match="asymmetric"):
-        build_data("digits", "unused", batch_size=32, noise=NoiseSpec("asymmetric", 0.2))
+def test_asymmetric_noise_is_refused_where_no_class_map_exists(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.noise.kind=asymmetric has no class map for imagenet: it exists for "
+                                          "cifar10, cifar100, digits; use dataset.noise.kind=symmetric or none"):
+        build_data("imagenet", str(tmp_path), batch_size=32, noise=NoiseSpec("asymmetric", 0.2))
+
+
+def test_asymmetric_noise_on_digits_confuses_the_usual_pairs_only():
+    """2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1 (the MNIST map); the other digits keep their labels."""
+    clean = build_data("digits", "unused", batch_size=32, seed=1)
+    noisy = build_data("digits", "unused", batch_size=32, seed=1, noise=NoiseSpec("asymmetric", 0.4))
+    before = torch.cat([labels for _, labels in clean.train_in_order.iterate(0)])
+    after = torch.cat([labels for _, labels in noisy.train_in_order.iterate(0)])
+    changed = {(int(a), int(b)) for a, b in zip(before, after) if a != b}
+    assert changed == {(2, 7), (3, 8), (5, 6), (6, 5), (7, 1)}
+    assert noisy.info["label_noise"]["flipped"] == int((before != after).sum())
 
 
 # --- augmentation ------------------------------------------------------------------------------------------------

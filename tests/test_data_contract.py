@@ -315,8 +315,6 @@ def test_an_unreadable_image_is_named_with_the_readers_reason_in_one_line(tmp_pa
     ({"val_split": 1437}, "dataset.val_split=1437 leaves no training examples (there are 1437): hold out fewer"),
     ({"rank": 2, "world_size": 2}, "rank=2 is not allowed with world_size=2: must be in [0, 2)"),
     ({"rank": -1}, "rank=-1 is not allowed with world_size=1: must be in [0, 1)"),
-    ({"noise": NoiseSpec("asymmetric", 0.2)}, "dataset.noise.kind=asymmetric has no class map for digits: it exists "
-                                              "for cifar10, cifar100; use dataset.noise.kind=symmetric or none"),
     ({"batch_size": 719, "world_size": 2}, "trainer.batch_size=719 is larger than the 718 training examples of each "
                                            "process (1437 over 2 processes): lower trainer.batch_size"),
     ({"batch_size": 1438}, "trainer.batch_size=1438 is larger than the 1437 training examples of each process "

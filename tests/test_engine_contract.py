@@ -2184,3 +2184,31 @@ def test_the_data_url_and_checksum_of_the_config_reach_the_data(small, monkeypat
     with pytest.raises(RuntimeError, match="stop here"):
         run(small(dataset={"url": "https://mirror.example/cifar-10-python.tar.gz", "md5": "0" * 32}))
     assert (asked["url"], asked["md5"]) == ("https://mirror.example/cifar-10-python.tar.gz", "0" * 32)
+
+
+def test_the_summary_says_how_well_the_final_weights_fit_the_training_labels_noisy_and_clean(small):
+    """Eval mode, no augmentation: the share of training images the final weights label as trained (noisy labels
+    included) and, with label noise, as they truly are; the difference is how much of the noise was fitted."""
+    config = small(trainer={"epochs": 1}, dataset={"noise": {"kind": "symmetric", "ratio": 0.5, "seed": 4}})
+    summary = run(config)
+    weights = checkpoint(config["run_dir"])["model"]
+    model = TinyNet(10)
+    model.load_state_dict(weights)
+    model.eval()
+    from fsam.data import NoiseSpec, build_data
+
+    noisy = build_data("cifar10", config["dataset"]["root"], batch_size=16, download=False, train_subset=40,
+                       noise=NoiseSpec("symmetric", 0.5, 4), drop_last=False)
+    clean = build_data("cifar10", config["dataset"]["root"], batch_size=16, download=False, train_subset=40,
+                       drop_last=False)
+
+    def top1(bundle) -> float:
+        with torch.no_grad():
+            pairs = [(model(images).argmax(1), labels) for images, labels in bundle.train_in_order.iterate(0)]
+        return 100.0 * sum(int((guess == labels).sum()) for guess, labels in pairs) / 40
+
+    assert summary["train_fit_top1"] == pytest.approx(top1(noisy), abs=1e-9)
+    assert summary["train_clean_top1"] == pytest.approx(top1(clean), abs=1e-9)
+    assert summary["train_fit_top1"] != summary["train_clean_top1"]  # half the labels changed
+    without_noise = run(small(run_dir=config["run_dir"] + "-clean", trainer={"epochs": 1}))
+    assert "train_fit_top1" in without_noise and "train_clean_top1" not in without_noise

@@ -590,7 +590,7 @@ def test_available_models_are_sorted_and_include_the_contract_names():
     assert names == sorted(names)
     contract = {"resnet18", "resnet34", "resnet50", "wrn28_10", "wrn16_8", "pyramidnet110", "vgg16_bn",
                 "vit_cifar", "resnet50_imagenet", "deit_small", "vit_small",
-                "wrn28_10_release", "wrn16_8_release", "vgg16_bn_release"}  # fmt: skip
+                "wrn28_10_release", "wrn16_8_release", "vgg16_bn_release", "mlp"}  # fmt: skip
     assert set(names) == contract
 
 
@@ -607,3 +607,16 @@ def test_the_torch_free_list_of_model_names_is_the_factorys():
     from fsam.names import MODEL_NAMES
 
     assert list(MODEL_NAMES) == available_models()
+
+
+def test_the_mlp_is_sized_by_the_images_and_takes_its_own_options_only():
+    model = create_model("mlp", 10, image_size=8)
+    assert model(torch.zeros(4, 3, 8, 8)).shape == (4, 10)
+    # 3*8*8 -> 512 -> 512 -> 10, linear layers without bias before BatchNorm (weight and bias 512 each)
+    assert sum(p.numel() for p in model.parameters()) == 192 * 512 + 2 * 512 + 512 * 512 + 2 * 512 + 512 * 10 + 10
+    narrow = create_model("mlp", 3, image_size=4, width=16, depth=1, batch_norm=False)
+    assert sum(p.numel() for p in narrow.parameters()) == (48 * 16 + 16) + (16 * 3 + 3)
+    with pytest.raises(ConfigError, match="mlp does not take|image_size"):
+        create_model("mlp", 10, image_size=8, image_size_=1)
+    with pytest.raises(ConfigError, match=r"model.kwargs.width=0 is not allowed: mlp takes a whole number >= 1"):
+        create_model("mlp", 10, image_size=8, width=0)

@@ -131,6 +131,13 @@ def _check_across_keys(run: RunConfig) -> None:
             f"model.name={name!r} is not a model: choose one of {', '.join(MODEL_NAMES)}, "
             f"or {TIMM_PREFIX}<any timm model name>"
         )
+    # The builder's arguments that other keys give (num_classes is checked against the data set when it is built).
+    given_elsewhere = {"image_size": "dataset.image_size", "pretrained": "model.pretrained",
+                       "pretrained_path": "model.pretrained_path"}
+    for key in sorted(set(run.model.kwargs) & set(given_elsewhere)):
+        raise ConfigError(
+            f"model.kwargs.{key} is not allowed: it is given by {given_elsewhere[key]}; set that instead"
+        )
     trainer = run.trainer
     if trainer.micro_batches > trainer.batch_size:
         raise ConfigError(

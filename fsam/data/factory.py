@@ -12,7 +12,7 @@ from fsam.data.specs import DATASETS, AugmentSpec, NoiseSpec
 from fsam.errors import ConfigError
 
 # Data sets whose classes have a documented confusion map for asymmetric label noise.
-ASYMMETRIC_NOISE_DATASETS = ("cifar10", "cifar100")
+ASYMMETRIC_NOISE_DATASETS = ("cifar10", "cifar100", "digits")
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 32, "imagenet": 224}
 
 
@@ -28,7 +28,9 @@ class DataBundle:
     ``num_val``, ``num_test``, ``train_per_rank`` and ``label_noise`` (see :func:`fsam.data.noise.corrupt_labels`).
     ``train_in_order``: the training split as the full-batch gradient sees it (:func:`fsam.optim.full_gradient`):
     every example once, in order, without augmentation, with the training labels (noisy ones included), in batches
-    of the training batch size, this process's contiguous block of it; None for ImageNet.
+    of the training batch size, this process's contiguous block of it; None for ImageNet. ``clean_train_in_order``:
+    the same with the clean labels, where label noise changed some (None otherwise): how much of the noise a model
+    fitted is the difference.
     """
 
     train: Any
@@ -40,6 +42,7 @@ class DataBundle:
     info: dict[str, Any]
     val: Any = None
     train_in_order: Any = None
+    clean_train_in_order: Any = None
 
 
 _Split = tuple[Any, np.ndarray]  # examples (uint8 images or file paths) and their int64 labels
@@ -158,6 +161,9 @@ def build_data(
     train_on_device = torch.from_numpy(train_images).to(device)  # one copy on the device for both training views
     train = loader(train_on_device, noisy_labels, train=True, batch=batch_size)
     train_in_order = loader(train_on_device, noisy_labels, train=False, batch=batch_size)
+    clean_train_in_order = None
+    if noise.kind != "none":
+        clean_train_in_order = loader(train_on_device, torch.from_numpy(train_labels), train=False, batch=batch_size)
     test = loader(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels), train=False,
                   batch=eval_batch_size)
     val = None
@@ -166,7 +172,8 @@ def build_data(
                      batch=eval_batch_size)
     info = _info(name, arrays.num_classes, image_size, len(train_labels), len(arrays.test_labels), world_size,
                  noise_record, val_split)
-    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, val, train_in_order)
+    return DataBundle(train, test, arrays.num_classes, image_size, arrays.mean, arrays.std, info, val, train_in_order,
+                      clean_train_in_order)
 
 
 def _read_arrays(
@@ -174,11 +181,12 @@ def _read_arrays(
 ) -> _Arrays:
     if name == "digits":
         from fsam.data.digits import NUM_CLASSES, load_digits
+        from fsam.data.noise import digits_class_map
 
         digits = load_digits()
         return _Arrays(
             digits.train_images, digits.train_labels, digits.test_images, digits.test_labels, NUM_CLASSES,
-            mean=(digits.mean,) * 3, std=(digits.std,) * 3, class_map=None,
+            mean=(digits.mean,) * 3, std=(digits.std,) * 3, class_map=digits_class_map(),
         )
     from fsam.data.cifar import CIFAR_MEAN, CIFAR_STD, VARIANTS, load_cifar
     from fsam.data.noise import cifar10_class_map, next_in_superclass

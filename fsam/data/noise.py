@@ -6,7 +6,8 @@ A fraction ``ratio`` of the training examples is chosen (``round(ratio * N)`` of
   label and the share of wrong labels is ``ratio * (1 - 1 / num_classes)``;
 * ``asymmetric``: by a class map that confuses similar classes; chosen examples of a class that the map leaves
   alone keep their label. CIFAR-10 (the usual map): truck -> automobile, bird -> airplane, deer -> horse,
-  cat <-> dog. CIFAR-100: each class -> the next class of its superclass (cyclic).
+  cat <-> dog. CIFAR-100: each class -> the next class of its superclass (cyclic). Digits (the usual MNIST map):
+  2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1.
 
 The choice depends only on the labels and ``NoiseSpec.seed``, so every run (and every process of a run) that
 uses the same spec gets the same noisy labels. The test split is never corrupted.
@@ -25,12 +26,23 @@ from fsam.errors import ConfigError
 
 # CIFAR-10 class indices: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse, 8 ship, 9 truck.
 CIFAR10_CONFUSIONS = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+# Handwritten digits (the map used for MNIST since Patrini et al., CVPR 2017): 2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1.
+DIGITS_CONFUSIONS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
 
 
 def cifar10_class_map() -> torch.Tensor:
     """int64 [10]: the class each CIFAR-10 class is relabelled to by asymmetric noise (itself when none)."""
-    class_map = torch.arange(10)
-    for source, target in CIFAR10_CONFUSIONS.items():
+    return confusion_map(CIFAR10_CONFUSIONS, 10)
+
+
+def digits_class_map() -> torch.Tensor:
+    """int64 [10]: the digit each digit is relabelled to by asymmetric noise (itself when none)."""
+    return confusion_map(DIGITS_CONFUSIONS, 10)
+
+
+def confusion_map(confusions: dict[int, int], num_classes: int) -> torch.Tensor:
+    class_map = torch.arange(num_classes)
+    for source, target in confusions.items():
         class_map[source] = target
     return class_map
 

@@ -43,3 +43,15 @@ def evaluate(
     count = max(count, 1.0)
     return {f"{split}_loss": loss_sum / count, f"{split}_top1": 100.0 * top1 / count,
             f"{split}_top5": 100.0 * top5 / count}
+
+
+def training_fit(model: nn.Module, data: Any, precision: Precision, device: torch.device) -> dict[str, float]:
+    """Top-1 (%) of ``model`` on the training images of ``data`` (a :class:`fsam.data.DataBundle`) in eval mode,
+    without augmentation: against the labels it trained on (``train_fit_top1``; with label noise, how much of the
+    noise was fitted) and, where label noise changed some, against the clean labels (``train_clean_top1``).
+    Nothing for ImageNet, whose training split is not kept in memory."""
+    fit = {}
+    for key, loader in (("train_fit_top1", data.train_in_order), ("train_clean_top1", data.clean_train_in_order)):
+        if loader is not None:
+            fit[key] = evaluate(model, loader, precision, device, split="fit")["fit_top1"]
+    return fit

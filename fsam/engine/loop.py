@@ -30,7 +30,7 @@ from fsam.config import RunConfig, load_config, to_plain
 from fsam.data import AugmentSpec, NoiseSpec, build_data
 from fsam.engine import distributed
 from fsam.engine.checkpoint import CheckpointStore, capture_rng, restore_rng
-from fsam.engine.evaluate import evaluate, topk_correct
+from fsam.engine.evaluate import evaluate, topk_correct, training_fit
 from fsam.engine.preemption import Interrupted, StopSignals, signal_name
 from fsam.engine.schedule import create_schedule
 from fsam.engine.wandb_mirror import WandbMirror, new_run_id
@@ -431,7 +431,7 @@ class _Trainer:
                 })
             self.mirror.finish(failed=True)
             raise
-        summary = self._summary()
+        summary = {**self._summary(), **training_fit(self.model, self.data, self.precision, self.device)}
         if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
             self.folder.write_summary(summary, epochs=len(progress.metrics))
         self.say(

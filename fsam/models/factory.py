@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fsam.errors import ConfigError
+from fsam.models.mlp import mlp
 from fsam.models.pretrained import load_pretrained
 from fsam.models.pyramidnet import pyramidnet110
 from fsam.models.resnet import resnet18, resnet34, resnet50
@@ -31,6 +32,7 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "pyramidnet110": pyramidnet110,
     "vgg16_bn": vgg16_bn,
     "vgg16_bn_release": vgg16_bn_release,
+    "mlp": mlp,  # sized by the images: the factory passes image_size
 }
 
 
@@ -96,7 +98,7 @@ def create_model(
         raise ConfigError(f"model.pretrained=true is not allowed with model.name={name}: {reason}; use "
                           "model.pretrained_path=<a local weights file>, or a timm model")
     if name in CIFAR_MODELS:
-        model = _create_cifar_model(name, num_classes, kwargs)
+        model = _create_cifar_model(name, num_classes, kwargs, image_size)
     elif name in TIMM_ALIASES:
         alias = TIMM_ALIASES[name]
         defaults = {**alias.defaults, **({"img_size": image_size} if alias.takes_image_size else {})}
@@ -113,15 +115,19 @@ def create_model(
     return model
 
 
-def _create_cifar_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _create_cifar_model(name: str, num_classes: int, kwargs: dict[str, Any], image_size: int) -> nn.Module:
     builder = CIFAR_MODELS[name]
-    allowed = [parameter for parameter in inspect.signature(builder).parameters if parameter != "num_classes"]
+    parameters = inspect.signature(builder).parameters
+    given = ("num_classes", "image_size")  # from the data, not from model.kwargs
+    allowed = [parameter for parameter in parameters if parameter not in given]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(
             f"model.kwargs has {', '.join(unknown)}, which {name} does not take: "
             f"allowed are {', '.join(allowed) if allowed else 'none'}"
         )
+    if "image_size" in parameters:
+        kwargs = {**kwargs, "image_size": image_size}
     try:
         return builder(num_classes, **kwargs)
     except (TypeError, ValueError) as exc:  # e.g. depth='abc'; the builders raise ConfigError for what they check
