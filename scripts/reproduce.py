@@ -26,9 +26,14 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
+from fsam.config.compose import compose_cells, compose_runs
 from fsam.errors import ConfigError, FsamError
+from fsam.study import STUDIES, Study, heatmap_blocks, seed_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # train.py's checks and messages, from the checkout whose train.py runs the sweeps
@@ -136,6 +141,42 @@ GRIDS["all"] = (
     [block for name in PAPER_GRIDS for block in GRIDS[name][1]],
 )
 
+
+def study_grids(study: Study) -> dict[str, tuple[str, list[list[str]] | Callable[[], list[list[str]]]]]:
+    """A study's three stages as grids: its tuning trials; then, read from the tuning runs' records, each method's
+    choice at seeds 1..N and F-SAM's lambda x sigma around its choice (fsam/study.py; the protocol in docs/)."""
+    return {
+        f"{study.name}_tune": (
+            f"the {study.name} study's tuning stage: {study.trials} trials per method and condition "
+            f"({', '.join(study.search)} x {', '.join(study.conditions)}) on the validation split, seed 1",
+            [overrides for _, _, overrides in study.tuning_cells()],
+        ),
+        f"{study.name}_seeds": (
+            f"the {study.name} study's seed stage: each method's trial with the highest {study.select} in each "
+            f"condition, at seeds 1..{study.seeds} (needs the tuning stage)",
+            lambda: seed_blocks(study, compose_runs),
+        ),
+        f"{study.name}_heatmap": (
+            f"the {study.name} study's F-SAM lambda x sigma at {study.heatmap_condition}, every other value at F-SAM's "
+            f"choice there, seeds 1..{study.heatmap_seeds} (needs the tuning stage)",
+            lambda: heatmap_blocks(study, compose_runs),
+        ),
+    }
+
+
+# How many seeds each study stage runs unless --seeds says otherwise (3 for the other grids).
+GRID_SEEDS = {}
+for _study in STUDIES.values():
+    GRIDS.update(study_grids(_study))
+    GRID_SEEDS.update({f"{_study.name}_tune": 1, f"{_study.name}_seeds": _study.seeds,
+                       f"{_study.name}_heatmap": _study.heatmap_seeds})
+
+
+def blocks_of(grid: str) -> list[list[str]]:
+    """A grid's blocks; a study stage that depends on earlier records reads them now (FsamError if missing)."""
+    blocks = GRIDS[grid][1]
+    return blocks() if callable(blocks) else blocks
+
 # Training examples per epoch, for the GPU-hours estimate (dataset.train_subset replaces them).
 TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "digits": 1_437, "imagenet": 1_281_167}
 BENCHMARKS = REPO / "results" / "benchmarks.md"
@@ -170,27 +211,6 @@ def expand(block: list[str]) -> list[list[str]]:
 def grid_cells(blocks: list[list[str]], common: list[str]) -> list[list[str]]:
     """The single runs of every block, each with the ``common`` overrides (the seeds, the arguments after --)."""
     return [cell for block in blocks for cell in expand([*block, *common])]
-
-
-def compose_runs(cells: list[list[str]]) -> list[tuple[Path, dict]]:
-    """Each cell's run folder and config, its values checked (ConfigError for a bad one). Hydra's own overrides
-    (hydra.*) do not change a run's folder and are left out of the composition."""
-    from fsam.runfolder import default_run_dir
-
-    configs = compose_cells([[item for item in cell if not item.startswith("hydra")] for cell in cells])
-    return [(default_run_dir(config), config) for config in configs]
-
-
-def compose_cells(cells: list[list[str]]) -> list[dict]:
-    """Each cell's config as train.py composes it (plain data, interpolations resolved), with the real configs."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from fsam.config.run_folder import register_resolver
-
-    register_resolver()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return [OmegaConf.to_container(compose("train", overrides=cell), resolve=True) for cell in cells]
 
 
 def run_folder(overrides: list[str]) -> Path:
@@ -278,7 +298,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"grids:\n{grids}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", required=True, choices=sorted(GRIDS), help="which grid (listed below)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every setting")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds 1..N of every setting (default: the study stage's own, else 3)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="inprocess: run this many of the grid's sweeps at once, each with one thread "
+                             "(OMP_NUM_THREADS=1 unless set), e.g. 2 on 2 cores")
     parser.add_argument("--launcher", default="inprocess", choices=["inprocess", "local", "slurm"],
                         help="inprocess: one run after the other here; local/slurm: submitit jobs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and each cell's state")
@@ -291,11 +315,21 @@ def main() -> int:
 
     from train import check_arguments, check_launcher, one_line, report
 
+    if args.seeds is None:
+        args.seeds = GRID_SEEDS.get(args.grid, 3)
+    if args.parallel < 1:
+        report(f"--parallel {args.parallel} is not allowed: give how many sweeps run at once, 1 or more")
+        return 2
     if args.seeds < 1:
         report(f"--seeds {args.seeds} is not allowed: give how many seeds each setting trains, 1 or more "
                "(--seeds N trains seeds 1 to N)")
         return 2
-    description, blocks = GRIDS[args.grid]
+    description = GRIDS[args.grid][0]
+    try:
+        blocks = blocks_of(args.grid)
+    except FsamError as error:
+        report(str(error))
+        return 2
     seeds = ",".join(str(seed) for seed in range(1, args.seeds + 1))
     commands = [
         [sys.executable, "train.py", "-m", f"hydra/launcher={args.launcher}", *block, f"trainer.seed={seeds}", *args.extra]
@@ -317,14 +351,51 @@ def main() -> int:
             for command in commands:
                 print("would run: " + " ".join(command[1:]))
         return 0
-    for command in commands:
-        print("running: " + " ".join(command[1:]), flush=True)
-        result = subprocess.run(command, cwd=REPO, env=dict(os.environ))
-        if result.returncode != 0:
-            print(f"error: the sweep exited with status {result.returncode}; relaunch the same command to continue "
-                  "(finished runs are skipped)", file=sys.stderr)
-            return result.returncode
+    return run_sweeps(commands, args.parallel)
+
+
+def run_sweeps(commands: list[list[str]], parallel: int) -> int:
+    """Run the sweeps, ``parallel`` at a time (each with one thread unless OMP_NUM_THREADS is set; their lines
+    prefixed with the sweep's number when several run at once); status 0 only if every sweep succeeded."""
+    environment = dict(os.environ)
+    if parallel > 1:
+        environment.setdefault("OMP_NUM_THREADS", "1")
+    failed: list[tuple[int, int]] = []
+    running: dict[int, tuple[subprocess.Popen, threading.Thread | None]] = {}
+    pending = list(enumerate(commands, 1))
+    while pending or running:
+        while pending and len(running) < parallel:
+            number, command = pending.pop(0)
+            print(f"running [{number}/{len(commands)}]: " + " ".join(command[1:]), flush=True)
+            if parallel == 1:
+                running[number] = (subprocess.Popen(command, cwd=REPO, env=environment), None)
+                continue
+            process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+            echo = threading.Thread(target=_echo, args=(process, f"[{number}] "), daemon=True)
+            echo.start()
+            running[number] = (process, echo)
+        ended = [number for number, (process, _) in running.items() if process.poll() is not None]
+        if not ended:
+            time.sleep(0.2)
+        for number in ended:
+            process, echo = running.pop(number)
+            if echo is not None:
+                echo.join()
+            if process.returncode != 0:
+                failed.append((number, process.returncode))
+    if failed:
+        listed = ", ".join(f"sweep {number} (status {status})" for number, status in sorted(failed))
+        print(f"error: {len(failed)} of {len(commands)} sweeps did not finish every job: {listed}; relaunch the same "
+              "command to continue (finished runs are skipped)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _echo(process: subprocess.Popen, prefix: str) -> None:
+    """Print a running sweep's lines as they come, each with its prefix (reading keeps its pipe from filling)."""
+    for line in process.stdout:
+        print(prefix + line, end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def test_gpu_hours_come_from_gpu_measurements_of_the_same_model_method_batch_and
 
 
 def cells_of(module, grid: str) -> set[tuple[str, ...]]:
-    return {tuple(cell) for block in module.GRIDS[grid][1] for cell in module.expand(block)}
+    return {tuple(cell) for block in module.blocks_of(grid) for cell in module.expand(block)}
 
 
 def test_every_grid_holds_exactly_its_named_cells():
@@ -193,7 +193,15 @@ def test_every_grid_holds_exactly_its_named_cells():
         expected[dataset] = {(f"experiment=paper_{dataset}_{model}_{method}",) for method in methods5
                              for model in ("resnet18", "wrn28_10", "pyramidnet110", "vgg16_bn")}
     expected["all"] = set().union(*(expected[name] for name in module.PAPER_GRIDS))
-    assert set(module.GRIDS) == set(expected)
+    study = module.STUDIES["digits_noise"]
+    expected["digits_noise_tune"] = {
+        ("experiment=digits_noise", *noise, f"optimizer={method}", *trial)
+        for noise in (("dataset.noise.kind=none",), *((("dataset.noise.kind=symmetric", f"dataset.noise.ratio={r}"))
+                                                       for r in ("0.2", "0.4", "0.6")),
+                      ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"))
+        for method in ("sgd", "sam", "fsam") for trial in map(tuple, study.trial_overrides(method))}
+    assert len(expected["digits_noise_tune"]) == 240
+    assert set(module.GRIDS) == set(expected) | {"digits_noise_seeds", "digits_noise_heatmap"}  # tests/test_study.py
     for grid, cells in expected.items():
         assert cells_of(module, grid) == cells, grid
 
