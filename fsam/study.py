@@ -18,6 +18,7 @@ initialisation and the noisy labels) with a t confidence interval.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,14 @@ def seed_blocks(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:
     """The seed stage: each method's chosen trial in every condition (the seeds are added by the launcher)."""
     chosen = choices(study, compose_runs)
     return [chosen[(condition, method)].overrides for condition in study.conditions for method in study.search]
+
+
+def heatmap_cells(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:
+    """The heatmap's settings one by one (λ, then σ), without the seed."""
+    (block,) = heatmap_blocks(study, compose_runs)
+    kept = block[:-len(study.heatmap)]
+    return [[*kept, *(f"{key}={value:g}" for key, value in zip(study.heatmap, values))]
+            for values in itertools.product(*study.heatmap.values())]
 
 
 def heatmap_blocks(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:

@@ -124,9 +124,12 @@ def learning_curves(runs: pd.DataFrame, folder: Path, *, all_settings: bool = Fa
     return written, notes
 
 
-def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "final_top1") -> list[Path]:
+def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "final_top1",
+                         label: str | None = None) -> list[Path]:
     """Per data set and model: F-SAM's mean ``metric`` over λ (rows) × σ (columns), each cell annotated with its
-    mean and n; drawn where at least two λ or two σ values have finished runs."""
+    mean and n; drawn where at least two λ or two σ values have finished runs. ``label`` names a metric that is
+    not one of :data:`METRICS` (``summary`` then has its ``<metric>_mean`` column)."""
+    label = label or METRICS[metric]
     written: list[Path] = []
     fsam = summary[(summary["optimizer"] == "fsam") & (summary["n"] > 0)]
     if fsam.empty:
@@ -155,9 +158,9 @@ def lambda_sigma_heatmap(summary: pd.DataFrame, folder: Path, metric: str = "fin
                 bright = high > low and (value - low) / (high - low) > 0.6  # dark text on viridis' yellow end
                 axis.text(j, i, f"{value:.2f}\nn={int(counts.values[i, j])}", ha="center", va="center",
                           color="black" if bright else "white", fontsize=8)
-        figure.colorbar(image, ax=axis, label=METRICS[metric])
+        figure.colorbar(image, ax=axis, label=label)
         fixed = ", ".join(f"{VARIANT_KEYS[key]} {group[key].iloc[0]:g}" for key in ("rho", "lr", "epochs") if key in group)
-        axis.set_title(f"F-SAM on {dataset}, {model}: {METRICS[metric]}\n({fixed})", fontsize=10)
+        axis.set_title(f"F-SAM on {dataset}, {model}: {label}\n({fixed})", fontsize=10)
         figure.tight_layout()
         written += _save(figure, folder, f"heatmap_lambda_sigma_{_slug(dataset, model)}")
     return written
