@@ -167,3 +167,21 @@ def test_hold_out_keeps_each_parts_order():
     paths = [f"{i}.jpg" for i in range(20)]
     (kept_paths, _), (val_paths, _) = _hold_out(paths, examples, 5, 3)
     assert val_paths == [f"{i}.jpg" for i in val]
+
+
+def test_a_search_reports_each_trial_it_cannot_run_and_goes_on(train_py, isolated_records, tmp_path):
+    """Trials an adaptive sweeper chooses are checked as they come: a refused one is reported and the search goes
+    on to its next trial; the search then exits with status 2, naming them."""
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "bad_search.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - tune_digits\n  - _self_\n"
+        "hydra:\n  sweeper:\n    params:\n      optimizer.lmbda: choice(1.5)\n")
+    result = train_py("-m", "-cd", str(tmp_path / "configs"), "experiment=bad_search", "hydra.sweeper.n_trials=2",
+                      f"hydra.sweep.dir={isolated_records / 'sweep'}")
+    assert result.returncode == 2
+    refused = [line for line in result.stdout.splitlines() if line.startswith("job #")]
+    assert [line.split(") ", 1)[1].split(":")[0] for line in refused] == ["refused", "refused"]
+    assert "optimizer.lmbda=1.5 is not allowed: must be in [0, 1)" in refused[1]
+    assert refused[1].endswith("sweep: 2 of 2 jobs done (2 refused), " + refused[1].rsplit(", ", 1)[1])
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no trial of this search finished: job #0 (")
+    assert not list(Path(isolated_records).rglob("metrics.jsonl"))
