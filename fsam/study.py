@@ -213,7 +213,29 @@ DIGITS_NOISE = Study(
     heatmap={"optimizer.lmbda": (0.0, 0.3, 0.6, 0.9, 0.95), "optimizer.sigma": (0.5, 1.0, 1.5, 2.0)},
     heatmap_seeds=3,
 )
-STUDIES = {study.name: study for study in (DIGITS_NOISE,)}
+# The same protocol at the paper's scale, for a GPU cluster (scripts/reproduce.py --grid cifar10_noise_tune
+# --launcher slurm): CIFAR-10 and ResNet-18 with the release's recipe (200 epochs, batch 128, Cutout), 5,000
+# training images held out for validation, F-SAM's EMA measured once per epoch (352 steps with the last batch).
+CIFAR10_NOISE = Study(
+    name="cifar10_noise",
+    base=("experiment=base/cifar10_resnet18", "dataset.val_split=5000", "trainer.full_grad_analysis_every=352"),
+    conditions={
+        "clean": ("dataset.noise.kind=none",),
+        "sym20": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.2"),
+        "sym40": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.4"),
+        "sym60": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.6"),
+        "asym40": ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"),
+    },
+    search=DIGITS_NOISE.search,
+    trials=16,
+    trial_seed=2026,
+    seeds=5,
+    select="final_val_top1",
+    heatmap_condition="sym40",
+    heatmap=DIGITS_NOISE.heatmap,
+    heatmap_seeds=3,
+)
+STUDIES = {study.name: study for study in (DIGITS_NOISE, CIFAR10_NOISE)}
 
 
 def seeds_of(values: Sequence[tuple[int, float]]) -> dict[int, float]:

@@ -166,8 +166,10 @@ def study_grids(study: Study) -> dict[str, tuple[str, list[list[str]] | Callable
 
 # How many seeds each study stage runs unless --seeds says otherwise (3 for the other grids).
 GRID_SEEDS = {}
+STUDY_GRIDS = set()
 for _study in STUDIES.values():
     GRIDS.update(study_grids(_study))
+    STUDY_GRIDS.update(study_grids(_study))
     GRID_SEEDS.update({f"{_study.name}_tune": 1, f"{_study.name}_seeds": _study.seeds,
                        f"{_study.name}_heatmap": _study.heatmap_seeds})
 

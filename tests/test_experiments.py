@@ -93,8 +93,8 @@ def grid_folders() -> dict[str, list[tuple[list[str], Path]]]:
     """Every cell (one seed) of every grid and the run folder it composes to."""
     module = reproduce_module()
     cells = {name: [cell for block in blocks for cell in module.expand([*block, "trainer.seed=1"])]
-             for name, (_, blocks) in module.GRIDS.items() if not callable(blocks)}  # a study's later stages
-             # depend on its tuning runs (tests/test_study.py)
+             for name, (_, blocks) in module.GRIDS.items() if name not in module.STUDY_GRIDS}  # a study's stages
+             # are tested in tests/test_study.py and tests/test_comparison.py
     unique = sorted({tuple(cell) for grid in cells.values() for cell in grid})  # "all" repeats the paper grids
     folder = {cell: default_run_dir(config) for cell, config in zip(unique, module.compose_cells(list(map(list, unique))))}
     return {name: [(cell, folder[tuple(cell)]) for cell in grid] for name, grid in cells.items()}

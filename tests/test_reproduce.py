@@ -201,7 +201,11 @@ def test_every_grid_holds_exactly_its_named_cells():
                       ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"))
         for method in ("sgd", "sam", "fsam") for trial in map(tuple, study.trial_overrides(method))}
     assert len(expected["digits_noise_tune"]) == 240
-    assert set(module.GRIDS) == set(expected) | {"digits_noise_seeds", "digits_noise_heatmap"}  # tests/test_study.py
+    expected["cifar10_noise_tune"] = {
+        ("experiment=base/cifar10_resnet18", "dataset.val_split=5000", "trainer.full_grad_analysis_every=352",
+         *cell[1:]) for cell in expected["digits_noise_tune"]}  # the same protocol at the paper's scale
+    later = {f"{study}_{stage}" for study in ("digits_noise", "cifar10_noise") for stage in ("seeds", "heatmap")}
+    assert set(module.GRIDS) == set(expected) | later  # the later stages read the tuning runs: tests/test_study.py
     for grid, cells in expected.items():
         assert cells_of(module, grid) == cells, grid
 

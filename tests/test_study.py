@@ -105,3 +105,11 @@ def test_a_paired_difference_is_the_mean_over_shared_seeds_with_its_t_interval()
     assert noisy.no_difference and noisy.text().endswith(": no difference")
     single = paired_difference({1: 2.0}, {1: 1.0})
     assert single.n == 1 and math.isnan(single.low) and single.text() == "+1.00 (n=1, no interval)"
+
+
+def test_every_tuning_trial_is_a_setting_of_its_own():
+    """Trials that rounded to the same values would be one run counted twice in the budget."""
+    for study in (DIGITS_NOISE, SMALL):
+        for method in study.search:
+            trials = [tuple(trial) for trial in study.trial_overrides(method)]
+            assert len(set(trials)) == len(trials), (study.name, method)
