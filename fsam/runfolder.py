@@ -14,7 +14,7 @@ setting's digest names the folder, groups seeds in tables and names the wandb gr
         config.yaml      identity: the setting, its digest, the model as built; then the checked config
         launches.jsonl   one line per launch that trained: host, pid, time, command, where it started from
         metrics.jsonl    one JSON object per finished epoch
-        checkpoints/     last.pt, last.prev.pt, best.pt (fsam.engine.checkpoint)
+        checkpoints/     last.pt, last.prev.pt, best.pt; final.pt once finished (fsam.engine.checkpoint)
         status.json      only when the run stopped for a reason a relaunch cannot fix (diverged)
         summary.json     written last: its presence means the run finished
 

@@ -432,7 +432,11 @@ class _Trainer:
             self.mirror.finish(failed=True)
             raise
         summary = self._summary()
-        if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
+        if self.info.is_main:
+            # The final weights alone, small enough to keep for every run (the sharpness measurement reads them).
+            self.folder.lock.check()
+            self.store.save_final(self.model.state_dict())
+            # last, and only over complete records: its presence marks the run finished
             self.folder.write_summary(summary, epochs=len(progress.metrics))
         self.say(
             f"finished: final test top-1 {summary['final_top1']:.2f}% (best test epoch, a diagnostic: "
