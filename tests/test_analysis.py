@@ -10,6 +10,11 @@ Everything exact runs in float64 on a handful of parameters, so each test takes 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from fsam.analysis import (
     filter_normalised_directions, hessian_trace, hessian_vector_product, loss_along_line, loss_slice, mean_loss,
     rho_sharpness, top_eigenvalues,
 )
+from reportgen import REPO, run_script
 
 EIGENVALUES = [10.0, 4.0, 2.0, 1.0, 0.5]
 
@@ -399,3 +405,257 @@ def test_the_line_refuses_a_network_of_another_architecture(small_network, image
     del state["1.running_var"]
     with pytest.raises(ValueError, match="1.running_var is missing"):
         loss_along_line(small_network, nn.CrossEntropyLoss(), [(images, LABELS)], state, [0.5])
+
+
+# ------------------------------------------------------------------------------------ run folders: the script
+
+# Every quantity at the smallest size that still measures it: 16 images in batches of 8.
+TINY = ["--images", "16", "--batch-size", "8", "--power-iterations", "3", "--trace-probes", "2", "--rho", "0.05",
+        "--adaptive-rho", "0.5", "--ascent-steps", "1", "--random-directions", "2", "--slice-points", "3",
+        "--slice2d-points", "2", "--line-points", "3"]
+EVERY_QUANTITY_BUT_THE_LINE = ["--what", "eigen,trace,rho,slice1d,slice2d"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_root) -> dict[str, Path]:
+    """Finished one-epoch runs of the tiny network on the tiny CIFAR-10 archive: F-SAM and SGD of seed 1, and F-SAM
+    with half of the labels replaced at random, drawn from the training seed (noise seed null)."""
+    from conftest import TINY_MODEL
+    from fsam.engine import run
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, method, noise in (("fsam", "fsam", 0.0), ("sgd", "sgd", 0.0), ("noisy", "fsam", 0.5)):
+        runs[name] = root / name / "seed1"
+        run({
+            "run_dir": str(runs[name]),
+            "dataset": {"name": "cifar10", "root": str(cifar_root), "download": False, "num_workers": 0,
+                        "noise": {"kind": "symmetric" if noise else "none", "ratio": noise, "seed": None}},
+            "model": TINY_MODEL, "optimizer": {"name": method, "lr": 0.05},
+            "trainer": {"epochs": 1, "batch_size": 16, "device": "cpu", "amp": "off", "seed": 1},
+        })
+    return runs
+
+
+@pytest.fixture
+def fresh(trained, tmp_path):
+    """``fresh(name)``: a copy of a trained run folder of its own, never measured."""
+    def copy_of(name: str) -> Path:
+        target = tmp_path / "copies" / name / "seed1"
+        shutil.copytree(trained[name], target)
+        return target
+
+    return copy_of
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def record_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "analysis" / "sharpness.json").read_text())
+
+
+def loss_worked_out(run_dir: Path, positions: list[int]) -> float:
+    """The mean cross-entropy of the final weights in eval mode on the training images at ``positions``, taken from
+    the whole training split in order as the library's loader gives it (no augmentation, normalised)."""
+    from fsam.config import load_config
+    from fsam.engine.loop import run_data, run_model
+    from fsam.runfolder import RunFolder
+
+    config = load_config(RunFolder(run_dir).read_config()[0])
+    data = run_data(config, torch.device("cpu"))
+    images, labels = (torch.cat(parts) for parts in zip(*data.train_in_order.iterate(0)))
+    model = run_model(config, data, torch.device("cpu"))
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True))
+    with torch.no_grad():
+        return float(nn.CrossEntropyLoss()(model.eval()(images[positions]), labels[positions]))
+
+
+def test_sharpness_writes_every_number_with_its_conditions_and_changes_nothing_else_in_the_run_folder(
+        fresh, monkeypatch, capsys):
+    run_dir = fresh("fsam")
+    before = files_of(run_dir)
+    assert run_script(monkeypatch, "sharpness", run_dir, *EVERY_QUANTITY_BUT_THE_LINE, *TINY) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir}: measured eigen, trace, rho, slice1d, slice2d in" in out and "analysis/sharpness.json" in out
+    after = files_of(run_dir)
+    assert {name: data for name, data in after.items() if name != "analysis/sharpness.json"} == before
+    record = record_of(run_dir)
+    assert record["format"] == 1 and record["run"].endswith("/seed1")
+    assert sorted(record["measurements"]) == ["eigen", "rho", "slice1d", "slice2d", "trace"]
+    eigen = record["measurements"]["eigen"]
+    assert eigen["options"] == {"checkpoint": "final", "images": 16, "image_seed": 0, "labels": "trained",
+                                "batch_size": 8, "seed": 0, "top_k": 1, "power_iterations": 3,
+                                "power_tolerance": 0.001}
+    conditions = eigen["conditions"]
+    assert conditions["weights"] == {"file": "checkpoints/final.pt", "epoch": 1}
+    assert conditions["training_images"] == 64 and len(conditions["image_positions"]) == 16
+    assert conditions["image_positions"] == sorted(set(conditions["image_positions"]))
+    assert (conditions["labels"], conditions["label_noise"], conditions["wrong_labels"]) == ("trained", None, 0)
+    assert conditions["model_mode"].startswith("eval: BatchNorm normalises with its running statistics")
+    assert conditions["loss"] == "cross-entropy, mean over the images, label smoothing 0; weight decay left out"
+    assert (conditions["precision"], conditions["device"]) == ("float32", "cpu")
+    assert conditions["parameters"] == json.loads((run_dir / "summary.json").read_text())["model"]["parameters"]
+    assert conditions["loss_at_weights"] == pytest.approx(loss_worked_out(run_dir, conditions["image_positions"]),
+                                                          rel=1e-6)
+    assert len(eigen["result"]["eigenvalues"]) == 1 and eigen["result"]["hessian_vector_products"] <= 3
+    trace = record["measurements"]["trace"]["result"]
+    assert trace["probes"] == 2 and trace["standard_error"] >= 0
+    rho = record["measurements"]["rho"]["result"]
+    assert [entry["rho"] for entry in rho["plain"]] == [0.05] and [entry["rho"] for entry in rho["adaptive"]] == [0.5]
+    assert rho["plain"][0]["batch_sizes"] == [8, 8]
+    assert all(entry["worst_case"] >= entry["average_case"] for entries in rho.values() for entry in entries)
+    line = record["measurements"]["slice1d"]["result"]
+    assert line["alphas"] == [-1.0, 0.0, 1.0]
+    assert line["losses"][1] == pytest.approx(conditions["loss_at_weights"], rel=1e-6)  # α = 0: the weights
+    plane = record["measurements"]["slice2d"]["result"]
+    assert plane["alphas"] == plane["betas"] == [-1.0, 1.0] and [len(row) for row in plane["losses"]] == [2, 2]
+
+
+def test_a_rerun_with_the_same_options_reads_back_and_changed_options_measure_again_saying_which(
+        fresh, monkeypatch, capsys):
+    import fsam.analysis.record as record_module
+
+    run_dir = fresh("fsam")
+    assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen,trace", *TINY) == 0
+    written = (run_dir / "analysis" / "sharpness.json").read_bytes()
+    capsys.readouterr()
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured again although the options were the same")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(record_module, "MeasuredRun", never)
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "trace,eigen", *TINY) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir}: read back trace, eigen (measured before with the same options)" in out
+    assert "λ " in out and "trace " in out  # the numbers, as read back
+    assert (run_dir / "analysis" / "sharpness.json").read_bytes() == written
+
+    assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen", *TINY, "--images", "24",
+                      "--power-tolerance", "0.01") == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir}: eigen measured again, options changed: images: 16 -> 24; power_tolerance: 0.001 -> 0.01" in out
+    measurements = record_of(run_dir)["measurements"]
+    assert measurements["eigen"]["options"]["images"] == 24
+    assert measurements["trace"] == json.loads(written)["measurements"]["trace"]  # not asked for: kept as it was
+
+
+def test_the_same_options_give_the_same_numbers_in_another_measurement(fresh, monkeypatch):
+    first, second = fresh("fsam"), fresh("sgd").parent.parent / "again" / "seed1"
+    shutil.copytree(first, second)
+    for run_dir in (first, second):
+        assert run_script(monkeypatch, "sharpness", run_dir, *EVERY_QUANTITY_BUT_THE_LINE, *TINY) == 0
+    one, other = record_of(first)["measurements"], record_of(second)["measurements"]
+    assert {q: m["result"] for q, m in one.items()} == {q: m["result"] for q, m in other.items()}
+
+
+def test_the_image_seed_chooses_the_images_and_the_labels_option_the_true_or_the_trained_labels(
+        fresh, monkeypatch):
+    run_dir = fresh("noisy")
+    conditions = {}
+    for labels, seed in (("trained", 0), ("clean", 0), ("trained", 1)):
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "slice1d", *TINY, "--labels", labels,
+                          "--image-seed", str(seed)) == 0
+        conditions[labels, seed] = record_of(run_dir)["measurements"]["slice1d"]["conditions"]
+    trained, clean, other_images = conditions["trained", 0], conditions["clean", 0], conditions["trained", 1]
+    assert trained["image_positions"] == clean["image_positions"] != other_images["image_positions"]
+    assert trained["label_noise"] == {"kind": "symmetric", "ratio": 0.5, "seed": 1}
+    # about half of the chosen labels were replaced, a tenth of those by the true class again
+    assert 3 <= trained["wrong_labels"] <= 13 and clean["wrong_labels"] == 0
+    assert trained["loss_at_weights"] != clean["loss_at_weights"]
+
+
+def test_a_run_from_before_final_weights_were_kept_is_measured_on_its_last_checkpoint_and_says_so(
+        fresh, monkeypatch):
+    with_final, without = fresh("fsam"), fresh("sgd").parent.parent / "old" / "seed1"
+    shutil.copytree(with_final, without)
+    (without / "checkpoints" / "final.pt").unlink()
+    for run_dir in (with_final, without):
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen", *TINY) == 0
+    old, new = record_of(without)["measurements"]["eigen"], record_of(with_final)["measurements"]["eigen"]
+    assert old["conditions"]["weights"] == {
+        "file": "checkpoints/last.pt", "epoch": 1,
+        "note": "the run finished before checkpoints/final.pt was written: its last checkpoint, written at the final "
+                "epoch, holds the final weights"}
+    assert old["result"] == new["result"]  # the same weights
+
+
+def test_the_best_checkpoint_is_the_model_of_best_pt_with_its_epoch_and_test_accuracy(fresh, monkeypatch):
+    run_dir = fresh("fsam")
+    assert run_script(monkeypatch, "sharpness", run_dir, "--what", "slice1d", "--checkpoint", "best", *TINY) == 0
+    measured = record_of(run_dir)["measurements"]["slice1d"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert measured["options"]["checkpoint"] == "best"
+    assert measured["conditions"]["weights"] == {"file": "checkpoints/best.pt", "epoch": summary["best_epoch"],
+                                                 "test_top1": summary["best_top1"],
+                                                 "note": "the epoch of the best test top-1: chosen on the test set"}
+
+
+def test_the_line_runs_from_this_runs_weights_to_the_other_runs_and_leaves_the_other_folder_alone(
+        fresh, monkeypatch):
+    sgd, fsam = fresh("sgd"), fresh("fsam")
+    untouched = files_of(fsam)
+    assert run_script(monkeypatch, "sharpness", sgd, "--what", "line,slice1d", "--line-to", fsam, *TINY) == 0
+    assert run_script(monkeypatch, "sharpness", fsam, "--what", "slice1d", *TINY) == 0
+    line = record_of(sgd)["measurements"]["line"]
+    assert line["options"]["line_to"] == record_of(fsam)["run"]  # the other run by setting and seed
+    assert line["result"]["ts"] == [0.0, 0.5, 1.0]
+    assert line["result"]["to"]["weights"] == {"file": "checkpoints/final.pt", "epoch": 1}
+    losses = line["result"]["losses"]
+    assert losses[0] == pytest.approx(line["conditions"]["loss_at_weights"], rel=1e-6)
+    other = record_of(fsam)["measurements"]["slice1d"]["conditions"]
+    assert losses[2] == pytest.approx(other["loss_at_weights"], rel=1e-6)  # the same images, the other weights
+    assert {name: data for name, data in files_of(fsam).items() if not name.startswith("analysis/")} == untouched
+
+
+def test_damaged_and_unfinished_runs_are_refused_in_one_line_each_and_the_others_measured(fresh, tmp_path):
+    good, damaged, unfinished = fresh("fsam"), fresh("sgd"), fresh("noisy")
+    config = damaged / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.05", "lr: 0.07"))  # edited after the run
+    (unfinished / "summary.json").unlink()
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "sharpness.py"), str(tmp_path / "copies"),
+                             "--what", "eigen", *TINY], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    refusals = sorted(line for line in result.stderr.splitlines() if line.startswith("refused:"))
+    assert len(refusals) == 2  # in folder order: noisy (made unfinished), then sgd (damaged)
+    assert refusals[0] == (f"refused: {unfinished}: not finished (unfinished): only a finished run has the weights "
+                           "to measure")
+    assert refusals[1].startswith(f"refused: {damaged}: damaged (config.yaml computes setting ")
+    assert refusals[1].endswith(" (edited after the run))")
+    assert "Traceback" not in result.stderr
+    assert "eigen" in result.stderr and "%|" in result.stderr  # the progress bar
+    assert (good / "analysis" / "sharpness.json").exists()
+    assert not (damaged / "analysis").exists() and not (unfinished / "analysis").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--what", "eigen,hessian"], "error: --what eigen,hessian is not allowed: name one or more of "
+                                  "eigen,trace,rho,slice1d,slice2d,line"),
+    (["--what", "rho", "--images", "20", "--batch-size", "8"],
+     "error: --images 20 is not a multiple of --batch-size 8: ρ-sharpness averages batches of one size m, so give "
+     "a multiple"),
+    (["--what", "line"], "error: --what line needs the other end: give --line-to OTHER_RUN (a finished run folder)"),
+    (["--trace-probes", "1"], "error: --trace-probes 1 is not allowed: give a whole number >= 2"),
+    (["--rho", "0"], "error: --rho 0.0 is not allowed: each must be > 0"),
+    (["--checkpoint", "last"], "error: argument --checkpoint: invalid choice: 'last' (choose from 'final', 'best') "
+                               "(see --help)"),
+    (["--device", "tpu"], "error: --device tpu is not a device: use auto, cpu, cuda or cuda:N"),
+])
+def test_options_that_cannot_be_measured_are_refused_in_one_line(trained, monkeypatch, capsys, arguments, message):
+    try:
+        status = run_script(monkeypatch, "sharpness", trained["fsam"], *arguments)
+    except SystemExit as stop:  # argparse's own refusals end the process
+        status = stop.code
+    assert status == 2 and capsys.readouterr().err.strip() == message
+    assert not (trained["fsam"] / "analysis").exists()
+
+
+def test_the_line_to_an_unfinished_run_is_refused_naming_that_run(fresh, monkeypatch, capsys):
+    sgd, unfinished = fresh("sgd"), fresh("fsam")
+    (unfinished / "summary.json").unlink()
+    assert run_script(monkeypatch, "sharpness", sgd, "--what", "line", "--line-to", unfinished, *TINY) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refused: {sgd}: the other end of the line, {unfinished}: not finished (unfinished): only a finished run "
+        "has the weights to measure")
