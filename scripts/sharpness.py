@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fsam.analysis.record import CHECKPOINTS, LABELS, QUANTITIES, RECORD, Options, RefusedRun, measure_run
+from fsam.analysis.record import CHECKPOINTS, LABELS, QUANTITIES, Options, RefusedRun, measure_run
 from fsam.errors import FsamError
 from fsam.report.runs import run_folders
 
@@ -107,7 +107,8 @@ def main() -> int:
             print(f"{folder}: read back {', '.join(outcome.read_back)} (measured before with the same options)")
         if outcome.measured:
             seconds = sum(outcome.record["measurements"][q]["seconds"] for q in outcome.measured)
-            print(f"{folder}: measured {', '.join(outcome.measured)} in {seconds:.1f} s, written to {RECORD}")
+            print(f"{folder}: measured {', '.join(outcome.measured)} in {seconds:.1f} s, written to "
+                  "analysis/sharpness.json")
         print(f"{folder}: {headline(outcome.record['measurements'], options.what)}")
     return 2 if refused else 0
 
@@ -131,8 +132,8 @@ def found_runs(root: Path) -> list[Path]:
         raise FsamError(f"no folder at {root}: pass run folders, or the folder your runs were written to (runs/)")
     found = run_folders(root)
     if not found:
-        raise FsamError(f"no run folders (with config.yaml) under {root}: train something first, e.g. "
-                        "python train.py experiment=quickstart")
+        raise FsamError(f"no run folders (with config.yaml) under {root}: pass the folder your runs were written "
+                        "to, or train one first (README, Quick start)")
     return found
 
 

@@ -659,3 +659,23 @@ def test_the_line_to_an_unfinished_run_is_refused_naming_that_run(fresh, monkeyp
     assert capsys.readouterr().err.strip() == (
         f"refused: {sgd}: the other end of the line, {unfinished}: not finished (unfinished): only a finished run "
         "has the weights to measure")
+
+
+def test_measured_runs_reach_the_per_setting_table_and_the_figures(fresh, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    runs = [fresh("sgd"), fresh("fsam")]
+    for run_dir in runs:
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen,trace,rho,slice1d", *TINY) == 0
+    assert run_script(monkeypatch, "make_tables", tmp_path / "copies", "--out-dir", tmp_path / "tables") == 0
+    settings = pd.read_csv(tmp_path / "tables" / "settings.csv").set_index("optimizer")
+    for name, run_dir in zip(("sgd", "fsam"), runs):
+        measured = record_of(run_dir)["measurements"]
+        assert settings.loc[name, "lambda_max_mean"] == pytest.approx(measured["eigen"]["result"]["eigenvalues"][0])
+        assert settings.loc[name, "hessian_trace_mean"] == pytest.approx(measured["trace"]["result"]["trace"])
+        assert settings.loc[name, "rho_worst_plain_0.05_mean"] == pytest.approx(
+            measured["rho"]["result"]["plain"][0]["worst_case"])
+        assert settings.loc[name, "lambda_max_n"] == 1
+    assert run_script(monkeypatch, "plot", tmp_path / "copies", "--out-dir", tmp_path / "figures") == 0
+    drawn = {path.name for path in (tmp_path / "figures").iterdir()}
+    assert {"slice1d_CIFAR-10_pyramidnet8.png", "accuracy_vs_lambda_max_CIFAR-10_pyramidnet8.png"} <= drawn

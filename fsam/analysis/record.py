@@ -46,7 +46,6 @@ from fsam.config import RunConfig, load_config, to_plain
 from fsam.errors import FsamError
 from fsam.runfolder import RunFolder, differences, git_commit, now_iso, read_json, write_json_atomic
 
-RECORD = Path("analysis") / "sharpness.json"
 FORMAT = 1
 QUANTITIES = ("eigen", "trace", "rho", "slice1d", "slice2d", "line")
 CHECKPOINTS = ("final", "best")
@@ -171,7 +170,7 @@ def measure_run(run_dir: str | Path, options: Options, *, device: str | torch.de
     folder = finished_run(run_dir)
     config = load_config(folder.read_config()[0])
     outcome = Outcome(folder.path)
-    path = folder.path / RECORD
+    path = folder.sharpness
     existing = read_json(path) or {}
     measurements = dict(existing.get("measurements") or {})
     other = None
