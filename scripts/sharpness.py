@@ -153,8 +153,10 @@ def headline(measurements: dict, what: tuple[str, ...]) -> str:
         elif quantity == "line":
             parts.append(f"line: loss {result['losses'][0]:.4g} -> max {max(result['losses']):.4g} -> "
                          f"{result['losses'][-1]:.4g}")
+        elif quantity == "slice2d":
+            parts.append(f"slice2d: {len(result['alphas'])}×{len(result['betas'])} points")
         else:
-            parts.append(f"{quantity}: {len(result['alphas'])} points")
+            parts.append(f"slice1d: {len(result['alphas'])} points")
     return "; ".join(parts)
 
 

@@ -11,7 +11,8 @@
 
 Every measurement runs the model in eval mode (BatchNorm with its running statistics, no dropout) and leaves its
 weights, buffers, modes and gradients exactly as it found them (:mod:`fsam.analysis.measurement`); every random
-choice comes from a generator seeded by the caller, so the same seed gives the same numbers.
+choice comes from a generator seeded by the caller, so the same seed gives the same numbers. Finished runs are
+measured from their folders by :mod:`fsam.analysis.record` (``scripts/sharpness.py``; docs/sharpness.md).
 """
 
 from fsam.analysis.hessian import HessianTrace, TopEigenvalues, hessian_trace, hessian_vector_product, top_eigenvalues

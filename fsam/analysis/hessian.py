@@ -3,9 +3,9 @@ iteration with deflation) and its trace (Hutchinson's estimator, with the standa
 
 H is the Hessian of the mean loss over every example of ``batches`` with respect to every trainable parameter,
 with the model in eval mode (:mod:`fsam.analysis.measurement`). A product H v costs, per batch, one forward pass
-and two backward passes (the gradient with its graph kept, then the gradient of g·v: a double backward), so about
-three times a plain forward and backward over the images; :func:`top_eigenvalues` needs ``k * iterations``
-products at most and :func:`hessian_trace` one per probe.
+and two backward passes (the gradient with its graph kept, then the gradient of g·v through it: a double
+backward); on this project's CPU that measured 4 times a plain forward and backward (docs/sharpness.md).
+:func:`top_eigenvalues` needs ``k * iterations`` products at most and :func:`hessian_trace` one per probe.
 
 Written here with ``torch.autograd.grad`` rather than taken from ``hessian-eigenthings`` (PyPI, evaluated at
 1.0.0a5): that package is an alpha whose 1.0 series replaced its whole earlier API, and its Hessian operator
