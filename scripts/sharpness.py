@@ -58,7 +58,8 @@ def main() -> int:
     parser.add_argument("--trace-probes", type=int, default=DEFAULTS.trace_probes,
                         help="Hutchinson probes, one Hessian-vector product each (default: %(default)s)")
     parser.add_argument("--rho", type=float, nargs="*", default=list(DEFAULTS.rho),
-                        help="radii of plain ρ-sharpness (default: %(default)s; none: --rho alone)")
+                        help="radii of plain ρ-sharpness (default: %(default)s; none: --rho alone); after the "
+                             "run folders, or end the list with --")
     parser.add_argument("--adaptive-rho", type=float, nargs="*", default=list(DEFAULTS.adaptive_rho),
                         help="radii of adaptive ρ-sharpness, scaled by |w| (default: %(default)s)")
     parser.add_argument("--ascent-steps", type=int, default=DEFAULTS.ascent_steps,
@@ -76,7 +77,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         options = Options(
-            what=tuple(name.strip() for name in args.what.split(",") if name.strip()), checkpoint=args.checkpoint,
+            what=tuple(dict.fromkeys(name.strip() for name in args.what.split(",") if name.strip())),
+            checkpoint=args.checkpoint,
             images=args.images, image_seed=args.image_seed, labels=args.labels, batch_size=args.batch_size,
             seed=args.seed, top_k=args.top_k, power_iterations=args.power_iterations,
             power_tolerance=args.power_tolerance, trace_probes=args.trace_probes, rho=tuple(args.rho),

@@ -542,6 +542,17 @@ def test_a_rerun_with_the_same_options_reads_back_and_changed_options_measure_ag
     assert measurements["trace"] == json.loads(written)["measurements"]["trace"]  # not asked for: kept as it was
 
 
+def test_a_record_copied_from_another_run_is_measured_again_never_read_back(fresh, monkeypatch, capsys):
+    sgd, fsam = fresh("sgd"), fresh("fsam")
+    assert run_script(monkeypatch, "sharpness", sgd, "--what", "eigen", *TINY) == 0
+    shutil.copytree(sgd / "analysis", fsam / "analysis")
+    capsys.readouterr()
+    assert run_script(monkeypatch, "sharpness", fsam, "--what", "eigen", *TINY) == 0
+    assert f"{fsam}: measured eigen in" in capsys.readouterr().out
+    assert record_of(fsam)["run"] != record_of(sgd)["run"]
+    assert record_of(fsam)["measurements"]["eigen"]["result"] != record_of(sgd)["measurements"]["eigen"]["result"]
+
+
 def test_the_same_options_give_the_same_numbers_in_another_measurement(fresh, monkeypatch):
     first, second = fresh("fsam"), fresh("sgd").parent.parent / "again" / "seed1"
     shutil.copytree(first, second)

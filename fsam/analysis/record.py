@@ -172,6 +172,8 @@ def measure_run(run_dir: str | Path, options: Options, *, device: str | torch.de
     outcome = Outcome(folder.path)
     path = folder.sharpness
     existing = read_json(path) or {}
+    if (existing.get("format"), existing.get("run")) != (FORMAT, run_name(folder)):
+        existing = {}  # unreadable, of another format, or copied from another run: nothing in it is this run's
     measurements = dict(existing.get("measurements") or {})
     other = None
     if "line" in options.what:
@@ -219,7 +221,8 @@ def measure_run(run_dir: str | Path, options: Options, *, device: str | torch.de
             }
             outcome.measured.append(quantity)
     # Read again just before writing: a measurement of other quantities that finished meanwhile is kept.
-    latest = dict((read_json(path) or {}).get("measurements") or {})
+    latest = read_json(path) or {}
+    latest = dict(latest.get("measurements") or {}) if latest.get("run") == run_name(folder) else {}
     latest.update({quantity: measurements[quantity] for quantity in to_measure})
     outcome.record = {"format": FORMAT, "run": run_name(folder), "measurements": latest}
     path.parent.mkdir(exist_ok=True)
