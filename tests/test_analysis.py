@@ -24,7 +24,7 @@ from fsam.analysis import (
     filter_normalised_directions, hessian_trace, hessian_vector_product, loss_along_line, loss_slice, mean_loss,
     rho_sharpness, top_eigenvalues,
 )
-from reportgen import REPO, run_script
+from reportgen import REPO, run_script, write_run
 
 EIGENVALUES = [10.0, 4.0, 2.0, 1.0, 0.5]
 
@@ -690,3 +690,14 @@ def test_measured_runs_reach_the_per_setting_table_and_the_figures(fresh, tmp_pa
     assert run_script(monkeypatch, "plot", tmp_path / "copies", "--out-dir", tmp_path / "figures") == 0
     drawn = {path.name for path in (tmp_path / "figures").iterdir()}
     assert {"slice1d_CIFAR-10_pyramidnet8.png", "accuracy_vs_lambda_max_CIFAR-10_pyramidnet8.png"} <= drawn
+
+
+def test_the_line_to_a_run_of_another_network_is_refused_before_anything_is_measured(fresh, tmp_path, monkeypatch,
+                                                                                      capsys):
+    sgd = fresh("sgd")
+    resnet = write_run(tmp_path / "other", "resnet/seed1", model="resnet18")  # finished, on CIFAR-10
+    assert run_script(monkeypatch, "sharpness", sgd, "--what", "line,eigen", "--line-to", resnet, *TINY) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refused: {sgd}: the line needs two runs of one data set and network: {resnet} trains resnet18 on cifar10, "
+        "this run pyramidnet110 on cifar10")
+    assert not (sgd / "analysis").exists()

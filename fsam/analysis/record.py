@@ -175,10 +175,15 @@ def measure_run(run_dir: str | Path, options: Options, *, device: str | torch.de
     if (existing.get("format"), existing.get("run")) != (FORMAT, run_name(folder)):
         existing = {}  # unreadable, of another format, or copied from another run: nothing in it is this run's
     measurements = dict(existing.get("measurements") or {})
-    other = None
+    other = other_config = None
     if "line" in options.what:
         with refused_as_the_other_end(options.line_to):
             other = finished_run(options.line_to)
+        other_config = load_config(other.read_config()[0])
+        if (other_config.dataset.name, other_config.model) != (config.dataset.name, config.model):
+            raise RefusedRun(f"the line needs two runs of one data set and network: {other.path} trains "
+                             f"{other_config.model.name} on {other_config.dataset.name}, this run "
+                             f"{config.model.name} on {config.dataset.name}")
     other_name = run_name(other) if other is not None else None
     wanted = {quantity: options.of(quantity, other_name) for quantity in options.what}
     to_measure = []
@@ -198,11 +203,6 @@ def measure_run(run_dir: str | Path, options: Options, *, device: str | torch.de
     measured = MeasuredRun(folder, config, options, device)
     other_weights = None
     if other is not None:
-        other_config = load_config(other.read_config()[0])
-        if (other_config.dataset.name, other_config.model) != (config.dataset.name, config.model):
-            raise RefusedRun(f"the line needs two runs of one data set and network: {other.path} trains "
-                             f"{other_config.model.name} on {other_config.dataset.name}, this run "
-                             f"{config.model.name} on {config.dataset.name}")
         with refused_as_the_other_end(options.line_to):
             other_weights, other_source = load_weights(other, options.checkpoint, other_config.trainer.epochs,
                                                        device)
