@@ -14,9 +14,10 @@ setting's digest names the folder, groups seeds in tables and names the wandb gr
         config.yaml      identity: the setting, its digest, the model as built; then the checked config
         launches.jsonl   one line per launch that trained: host, pid, time, command, where it started from
         metrics.jsonl    one JSON object per finished epoch
-        checkpoints/     last.pt, last.prev.pt, best.pt (fsam.engine.checkpoint)
+        checkpoints/     last.pt, last.prev.pt, best.pt; final.pt once finished (fsam.engine.checkpoint)
         status.json      only when the run stopped for a reason a relaunch cannot fix (diverged)
         summary.json     written last: its presence means the run finished
+        analysis/        sharpness.json, written after the run by scripts/sharpness.py (fsam.analysis.record)
 
 Every whole-file write goes to a temporary file private to its writer, is flushed to disk and renamed over the
 target, so a reader (or a killed run) sees the old content or the new one, never half of it.
@@ -528,6 +529,7 @@ class RunFolder:
         self.summary = self.path / "summary.json"
         self.status = self.path / "status.json"
         self.checkpoints = self.path / "checkpoints"
+        self.sharpness = self.path / "analysis" / "sharpness.json"
         self.lock = RunLock(self.path)
 
     # --- holding it

@@ -6,7 +6,8 @@
     python scripts/make_tables.py --reference-only           # only results/reference.md, from known-results.csv
 
 Seeds are averaged per setting (what a run computes), never across settings; unfinished, running and diverged
-runs are counted beside each cell, not averaged.
+runs are counted beside each cell, not averaged. Runs measured by scripts/sharpness.py add their λ_max, Hessian
+trace and ρ-sharpness to the per-setting table, averaged only over runs measured with identical options.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fsam.report.tables import (
     reference_table, reported_metrics, row_label, setting_labels, settings_caption, settings_numbers, settings_table,
     summarise, to_latex,
 )
+from fsam.report.sharpness import sharpness_caption, sharpness_metrics
 from fsam.runfolder import write_atomic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -65,6 +67,8 @@ def main() -> int:
     # CSVs hold numbers (mean, std and n in columns of their own) for pandas and plotting; the formatted cells
     # are for reading, in Markdown and LaTeX, each under a caption saying how its numbers were chosen.
     per_setting_caption = settings_caption(list(layouts))
+    if sharpness_metrics(summary.columns):
+        per_setting_caption += " " + sharpness_caption(summary)
     outputs = {"settings.csv": summary.to_csv(index=False),
                "settings.md": f"{per_setting_caption}\n\n{per_setting.to_markdown(index=False)}\n",
                "settings.tex": to_latex(per_setting, per_setting_caption, "tab:settings")}
@@ -72,7 +76,7 @@ def main() -> int:
         outputs[f"paper_{metric}.csv"] = layout.values.to_csv(index=False)
         outputs[f"paper_{metric}.md"] = f"{layout_caption(metric)}\n\n{markdown(layout.table)}\n"
         outputs[f"paper_{metric}.tex"] = to_latex(layout.table, layout_caption(metric), f"tab:paper-{metric}")
-    report = overview(args.runs, runs, per_setting, layouts, args.seeds)
+    report = overview(args.runs, runs, per_setting, layouts, args.seeds, summary)
     outputs["tables.md"] = report
     for name, text in outputs.items():
         write_atomic(args.out_dir / name, text)  # each table is replaced whole or not at all
@@ -124,7 +128,8 @@ def with_cells(values: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts: dict, seeds: int | None) -> str:
+def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts: dict, seeds: int | None,
+             per_setting_summary: pd.DataFrame) -> str:
     counts = runs["status"].value_counts().to_dict()
     lines = [f"# Results from {root}", "",
              "Runs: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) + ".", ""]
@@ -136,7 +141,10 @@ def overview(root: Path, runs: pd.DataFrame, per_setting: pd.DataFrame, layouts:
               + (f"; † fewer than {seeds} finished seeds" if seeds else "") + ".", "",
               "How each number was chosen:", ""]
     lines += [f"- {METRICS[metric]}{' (the headline)' if index == 0 else ''}: {CHOSEN[metric]}."
-              for index, metric in enumerate(layouts)] + [""]
+              for index, metric in enumerate(layouts)]
+    if sharpness_metrics(per_setting_summary.columns):
+        lines.append(f"- {sharpness_caption(per_setting_summary)}")
+    lines.append("")
     for metric, layout in layouts.items():
         lines += [f"## Paper layout: {METRICS[metric]}", "", markdown(layout.table), ""]
         lines += [f"- {note}" for note in layout.notes] + ([""] if layout.notes else [])

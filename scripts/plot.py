@@ -1,5 +1,6 @@
 """Figures from run folders: learning curves per method (mean and a band over seeds), the λ × σ heatmap of F-SAM,
-accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into results/figures/.
+accuracy against the label-noise rate, F-SAM's EMA against the full gradient, and for runs measured by
+scripts/sharpness.py the loss along a random direction and accuracy against λ_max; PNG and PDF into results/figures/.
 
     python train.py experiment=quickstart && python scripts/plot.py runs/    # the quick start's curves
     python scripts/plot.py runs/ --metric test_top1_at_best_val --out-dir results/figures   # runs with val_split
@@ -16,7 +17,9 @@ from pathlib import Path
 from fsam.errors import FsamError
 from fsam.report import summarise
 from fsam.report.runs import damaged, runs_under
-from fsam.report.figures import ema_agreement, lambda_sigma_heatmap, learning_curves, noise_plot
+from fsam.report.figures import (
+    accuracy_against_lambda_max, ema_agreement, lambda_sigma_heatmap, learning_curves, loss_slices, noise_plot,
+)
 from fsam.report.tables import METRICS
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -41,17 +44,24 @@ def main() -> int:
     runs = runs[runs["status"] != "damaged"]
     summary = summarise(runs)
     curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)
+    slices, slice_notes = loss_slices(runs, args.out_dir)
+    against_sharpness, sharpness_notes = accuracy_against_lambda_max(runs, args.out_dir)
+    notes += slice_notes + sharpness_notes
     drawn = {
         "learning curves": curves,
         "λ × σ heatmap": lambda_sigma_heatmap(summary, args.out_dir, args.metric),
         "accuracy against label noise": noise_plot(summary, args.out_dir, args.metric),
         "F-SAM's EMA against the full gradient": ema_agreement(runs, args.out_dir),
+        "loss along a random direction": slices,
+        "accuracy against λ_max": against_sharpness,
     }
     why_not = {
         "learning curves": "no run has metrics yet",
         "λ × σ heatmap": "needs finished F-SAM runs at two or more values of λ or σ",
         "accuracy against label noise": "needs finished runs with dataset.noise.kind set",
         "F-SAM's EMA against the full gradient": "needs an F-SAM run trained with trainer.full_grad_analysis_every",
+        "loss along a random direction": "needs finished runs measured with scripts/sharpness.py --what slice1d",
+        "accuracy against λ_max": "needs finished runs measured with scripts/sharpness.py --what eigen",
     }
     for note in notes:
         print(note)

@@ -1,13 +1,15 @@
 """Run folders written without training, and the report scripts run in-process, for the tests of fsam.report.
 
 ``write_run`` writes a folder in the engine's format (config.yaml with the identity, metrics.jsonl and, by
-``state``, summary.json or status.json) from values chosen so that tables and figures can be worked out by hand.
+``state``, summary.json or status.json) from values chosen so that tables and figures can be worked out by hand;
+``write_sharpness`` adds the record ``scripts/sharpness.py`` writes (``analysis/sharpness.json``).
 ``run_script`` calls a script's ``main()`` in this process with ``sys.argv`` set, so that coverage tools (mutmut)
 see which functions it runs and no interpreter is started.
 """
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -63,3 +65,39 @@ def run_script(monkeypatch, name: str, *arguments: Any) -> int:
     returns its exit status (read what it printed with capsys)."""
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *(str(argument) for argument in arguments)])
     return runpy.run_path(str(REPO / "scripts" / f"{name}.py"))["main"]()
+
+
+SHARPNESS_OPTIONS = {"checkpoint": "final", "images": 128, "image_seed": 0, "labels": "trained", "batch_size": 64,
+                     "seed": 0}
+
+
+def write_sharpness(run_dir: Path, *, lambda_max: float | None = None, trace: float | None = None,
+                    rho: dict[str, list[tuple[float, float, float]]] | None = None,
+                    slice_losses: list[float] | None = None, alphas: list[float] | None = None,
+                    **options: Any) -> Path:
+    """``analysis/sharpness.json`` in the format of :mod:`fsam.analysis.record` with the numbers given: λ_max,
+    the trace, ``rho`` as ``{geometry: [(ρ, worst, average), ...]}``, a 1-D slice (``slice_losses`` at ``alphas``,
+    default -1 to 1); ``options`` replace the common options (images, labels, ...) of every quantity."""
+    common = {**SHARPNESS_OPTIONS, **options}
+    measurements: dict[str, Any] = {}
+    if lambda_max is not None:
+        measurements["eigen"] = {"options": {**common, "top_k": 1, "power_iterations": 20, "power_tolerance": 0.001},
+                                 "result": {"eigenvalues": [lambda_max, lambda_max / 2]}}
+    if trace is not None:
+        measurements["trace"] = {"options": {**common, "trace_probes": 10},
+                                 "result": {"trace": trace, "standard_error": 1.0}}
+    if rho is not None:
+        radii = {geometry: [radius for radius, *_ in entries] for geometry, entries in rho.items()}
+        measurements["rho"] = {
+            "options": {**common, "rho": radii.get("plain", []), "adaptive_rho": radii.get("adaptive", []),
+                        "ascent_steps": 10, "random_directions": 10},
+            "result": {geometry: [{"rho": radius, "worst_case": worst, "average_case": average}
+                                  for radius, worst, average in entries] for geometry, entries in rho.items()}}
+    if slice_losses is not None:
+        alphas = alphas or [-1.0 + 2.0 * index / (len(slice_losses) - 1) for index in range(len(slice_losses))]
+        measurements["slice1d"] = {"options": {**common, "slice_radius": 1.0, "slice_points": len(alphas)},
+                                   "result": {"alphas": alphas, "losses": slice_losses}}
+    path = Path(run_dir) / "analysis" / "sharpness.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"format": 1, "measurements": measurements}))
+    return path

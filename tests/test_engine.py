@@ -54,7 +54,12 @@ def test_a_plain_dict_config_trains_and_writes_every_record(tiny_config):
     assert identity["setting"] == summary["setting"] and identity["digest"].startswith(summary["setting"][-12:])
     assert identity["model"]["parameters"] == summary["model"]["parameters"] > 0
     checkpoints = {path.name for path in (folder / "checkpoints").iterdir()}
-    assert checkpoints == {"last.pt", "last.prev.pt", "best.pt"}
+    assert checkpoints == {"last.pt", "last.prev.pt", "best.pt", "final.pt"}
+    # final.pt: the final weights alone, a plain state_dict in float32, equal to the last checkpoint's model
+    final = torch.load(folder / "checkpoints" / "final.pt", weights_only=True)
+    last = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert list(final) == list(last) and all(torch.equal(final[key], last[key]) for key in last)
+    assert {tensor.dtype for tensor in final.values() if tensor.is_floating_point()} == {torch.float32}
     assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
 
 

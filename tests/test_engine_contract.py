@@ -574,6 +574,7 @@ READ_ONLY_AT = {
     "last.pt": (2, "checkpoints/last.pt", "the checkpoints last.pt are kept", 1),
     "best.pt": (0, "checkpoints/best.pt", "the checkpoints last.pt, last.prev.pt are kept", 2),
     "metrics.jsonl": (1, "metrics.jsonl", "the checkpoints last.pt, last.prev.pt are kept", 3),
+    "final.pt": (0, "checkpoints/final.pt", "the checkpoints last.pt, last.prev.pt are kept", 6),
     "summary.json": (0, "summary.json", "the checkpoints last.pt, last.prev.pt are kept", 6),
 }
 

@@ -161,7 +161,8 @@ def test_plot_lists_damaged_folders_and_draws_none_of_them(tmp_path, monkeypatch
     printed = capsys.readouterr().out.splitlines()
     assert printed[:2] == [f"damaged: {edited}: {problem}",
                            f"damaged: {cut}: metrics.jsonl line 2 is not JSON (cut short or edited)"]
-    assert "not drawn (F-SAM's EMA against the full gradient): needs an F-SAM run trained with" in printed[-1]
+    assert any(line.startswith("not drawn (F-SAM's EMA against the full gradient): needs an F-SAM run trained with")
+               for line in printed)
     assert sorted(path.name for path in (tmp_path / "figures").iterdir()) == ["curves_CIFAR-10_resnet18.pdf",
                                                                               "curves_CIFAR-10_resnet18.png"]
 
@@ -386,7 +387,8 @@ def test_plot_help_describes_the_script_in_whole_sentences(monkeypatch, capsys):
     assert stopped.value.code == 0
     description = capsys.readouterr().out.split("\n\n")[1]  # after the usage lines
     assert " ".join(description.split()).endswith(
-        "accuracy against the label-noise rate, F-SAM's EMA against the full gradient; PNG and PDF into "
+        "accuracy against the label-noise rate, F-SAM's EMA against the full gradient, and for runs measured by "
+        "scripts/sharpness.py the loss along a random direction and accuracy against λ_max; PNG and PDF into "
         "results/figures/.")
 
 

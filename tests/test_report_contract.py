@@ -26,13 +26,14 @@ import fsam.report.figures as figures
 from fsam.errors import FsamError
 from fsam.report import load_runs
 from fsam.report.runs import damaged, runs_under
+from fsam.report.sharpness import format_sharpness, sharpness_caption, sharpness_metrics
 from fsam.report.tables import (
     format_cell, layout_caption, load_known, paper_layout, published_value, reference_table, reported_metrics, row_label,
     setting_labels, settings_caption, settings_table, summarise, to_latex, _latex_cell, _latex_escape,
 )
 from fsam.report.wandb_upload import MeanChart, _plain, backfill, log_tables
 from fsam.runfolder import RunFolder
-from reportgen import run_script, write_run
+from reportgen import run_script, write_run, write_sharpness
 from wandb_records import read_run
 
 SGD, SAM, FSAM = "#7f7f7f", "#1f77b4", "#d62728"  # METHOD_COLORS, written out: a method looks the same everywhere
@@ -1240,3 +1241,189 @@ def test_a_number_of_the_authors_release_applies_only_to_a_run_of_their_recipe()
     assert published_value(known, release, "final_top1") == (80.78, "authors-release-log")
     for changed in ({"init": "ours"}, {"last_batch": "dropped"}, {"init": None}):
         assert published_value(known, pd.Series({**release, **changed}), "final_top1") is None, changed
+
+
+# ------------------------------------------------------------------------------------------------ sharpness
+
+
+@pytest.fixture
+def measured(tmp_path):
+    """F-SAM with three seeds, two measured on 128 images (λ_max 10 and 14) and one on 256 (λ_max 100); SGD with one
+    seed measured, one not; every measured run with a trace, ρ-sharpness and a 1-D slice; a SAM run whose summary
+    is gone (unfinished again) with a record left from before. Every best epoch is the first, never the final."""
+    root = tmp_path / "runs"
+    for seed, lam, images, losses in ((1, 10.0, 128, [1.0, 0.0, 1.0]), (2, 14.0, 128, [3.0, 0.0, 3.0]),
+                                      (3, 100.0, 256, [9.0, 0.0, 9.0])):
+        folder = write_run(root, f"fsam/seed{seed}", method="fsam", seed=seed, top1=[75.0, 70.0 + seed])
+        write_sharpness(folder, lambda_max=lam, trace=10 * lam, rho={"plain": [(0.1, lam / 100, lam / 1000)]},
+                        slice_losses=losses, images=images)
+    sgd = write_run(root, "sgd/seed1", top1=[70.0, 65.0])
+    write_sharpness(sgd, lambda_max=50.0, trace=500.0, rho={"plain": [(0.1, 0.5, 0.05)],
+                                                            "adaptive": [(1.0, 2.0, 0.2)]}, slice_losses=[4.0, 1.0, 5.0])
+    write_run(root, "sgd/seed2", seed=2, top1=[70.0, 66.0])
+    write_sharpness(write_run(root, "sam/seed1", method="sam", state="unfinished"), lambda_max=3.0,
+                    slice_losses=[5.0, 5.0, 5.0])
+    return root
+
+
+def test_a_finished_run_brings_its_sharpness_numbers_with_the_options_they_were_measured_with(measured):
+    runs = load_runs(measured).set_index("seed")
+    fsam = runs[runs["optimizer"] == "fsam"]
+    assert fsam.loc[1, "lambda_max"] == 10.0 and fsam.loc[1, "hessian_trace"] == 100.0
+    assert fsam.loc[1, "rho_worst_plain_0.1"] == 0.1 and fsam.loc[1, "rho_average_plain_0.1"] == 0.01
+    options = json.loads(fsam.loc[3, "lambda_max_options"])
+    assert (options["images"], options["power_iterations"]) == (256, 20)
+    # a radius's options leave out the other radii measured with it: they do not change its numbers
+    assert "rho" not in json.loads(fsam.loc[1, "rho_worst_plain_0.1_options"])
+    sgd = runs[runs["optimizer"] == "sgd"]
+    assert sgd.loc[1, "rho_worst_adaptive_1"] == 2.0 and math.isnan(sgd.loc[2, "lambda_max"])
+
+
+def test_sharpness_averages_only_the_runs_of_a_setting_measured_with_identical_options(measured):
+    summary = summarise(load_runs(measured)).set_index("optimizer")
+    fsam = summary.loc["fsam"]
+    # seeds 1 and 2 (128 images) are averaged; seed 3 (256 images) is counted beside them, never mixed in
+    assert (fsam["lambda_max_mean"], fsam["lambda_max_std"], fsam["lambda_max_n"], fsam["lambda_max_left_out"]) == (
+        12.0, pytest.approx(8 ** 0.5), 2, 1)
+    assert json.loads(fsam["lambda_max_options"])["images"] == 128
+    assert fsam["n"] == 3  # accuracy is averaged over every finished seed
+    sgd = summary.loc["sgd"]
+    assert (sgd["lambda_max_mean"], sgd["lambda_max_n"], sgd["lambda_max_left_out"]) == (50.0, 1, 0)
+    assert math.isnan(sgd["lambda_max_std"]) and math.isnan(fsam["rho_worst_adaptive_1_mean"])
+    assert fsam["rho_worst_adaptive_1_n"] == 0
+    table = settings_table(summarise(load_runs(measured))).set_index("optimizer")
+    assert table.loc["fsam", "λ_max (top Hessian eigenvalue)"] == "12 ± 2.8 (n=2; 1 measured with other options)"
+    assert table.loc["sgd", "λ_max (top Hessian eigenvalue)"] == "50 (n=1)"
+    assert table.loc["fsam", "worst-case ρ-sharpness (adaptive, ρ=1)"] == "—"
+    assert table.loc["sgd", "average-case ρ-sharpness (plain, ρ=0.1)"] == "0.05 (n=1)"
+
+
+def test_sharpness_columns_come_lambda_max_trace_then_rho_by_geometry_radius_and_case():
+    columns = ["rho_average_adaptive_0.5_mean", "final_top1_mean", "rho_worst_plain_0.2", "hessian_trace_mean",
+               "rho_average_plain_0.05", "rho_worst_plain_0.05", "lambda_max", "rho_worst_adaptive_0.5_options"]
+    assert sharpness_metrics(columns) == ["lambda_max", "hessian_trace", "rho_worst_plain_0.05",
+                                          "rho_average_plain_0.05", "rho_worst_plain_0.2", "rho_average_adaptive_0.5"]
+    assert sharpness_metrics(["final_top1_mean", "lambda_max_options"]) == []
+
+
+@pytest.mark.parametrize("cell", [(math.nan, math.nan, 0, 0, "—"), (math.nan, math.nan, 0, 2, "— (2 measured with "
+                                                                                             "other options)"),
+                                  (0.000123456, math.nan, 1, 0, "0.0001235 (n=1)"),
+                                  (1234.5678, 12.345, 3, 0, "1235 ± 12 (n=3)")])
+def test_a_sharpness_cell_has_four_significant_digits_its_own_n_and_the_runs_left_out(cell):
+    *numbers, text = cell
+    assert format_sharpness(*numbers) == text
+
+
+def test_make_tables_writes_sharpness_as_numbers_and_says_how_it_was_measured(measured, tmp_path, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "tables"
+    assert run_script(monkeypatch, "make_tables", measured, "--out-dir", out) == 0
+    settings = pd.read_csv(out / "settings.csv")
+    for metric in ("lambda_max", "hessian_trace", "rho_worst_plain_0.1", "rho_average_plain_0.1"):
+        assert all(pd.api.types.is_numeric_dtype(settings[f"{metric}_{part}"]) for part in ("mean", "std", "n"))
+    caption = (out / "settings.md").read_text().split("\n")[0]
+    assert ("λ_max: the largest Hessian eigenvalue by power iteration (at most 20 Hessian-vector products, stopping "
+            "at a relative change below 0.001).") in caption
+    assert "Hessian trace: Hutchinson's estimate over 10 Rademacher probes." in caption
+    assert "eval mode (BatchNorm with its running statistics), float32, the cross-entropy without weight decay" in caption
+    assert "correlates weakly with generalisation across settings (Andriushchenko et al., ICML 2023)" in caption
+    # F-SAM's cell averages 128 images, SGD's too: one set of images for the whole table
+    assert caption.endswith("All on the final weights and 128 training images (image seed 0) with the labels the "
+                            "runs trained on, in batches of 64.")
+    assert "λ_max (top Hessian eigenvalue)" in (out / "settings.md").read_text()
+    assert "Sharpness columns (scripts/sharpness.py; docs/sharpness.md)" in (out / "tables.md").read_text()
+
+
+def test_the_caption_says_when_settings_were_measured_with_different_options(tmp_path):
+    root = tmp_path / "runs"
+    write_sharpness(write_run(root, "sgd/seed1"), lambda_max=1.0, images=128)
+    write_sharpness(write_run(root, "fsam/seed1", method="fsam"), lambda_max=2.0, images=512, labels="clean")
+    caption = sharpness_caption(summarise(load_runs(root)))
+    assert ("λ_max: measured with 2 different sets of options in different settings; settings.csv gives each cell's "
+            "(the <metric>_options columns).") in caption
+    assert "All on" not in caption
+
+
+def test_the_caption_names_the_images_of_each_quantity_where_they_differ(tmp_path):
+    root = tmp_path / "runs"
+    folder = write_run(root, "sgd/seed1")
+    write_sharpness(folder, trace=3.0, images=256)
+    trace_record = json.loads((folder / "analysis" / "sharpness.json").read_text())["measurements"]["trace"]
+    write_sharpness(folder, lambda_max=1.0, images=128)
+    record = json.loads((folder / "analysis" / "sharpness.json").read_text())
+    record["measurements"]["trace"] = trace_record  # λ_max on 128 images, the trace on 256
+    (folder / "analysis" / "sharpness.json").write_text(json.dumps(record))
+    caption = sharpness_caption(summarise(load_runs(root)))
+    assert ("relative change below 0.001), on the final weights and 128 training images (image seed 0) with the "
+            "labels the runs trained on, in batches of 64.") in caption
+    assert ("Hessian trace: Hutchinson's estimate over 10 Rademacher probes, on the final weights and 256 training "
+            "images (image seed 0) with the labels the runs trained on, in batches of 64.") in caption
+    assert "All on" not in caption
+
+
+def test_a_table_without_sharpness_has_no_sharpness_columns(one_panel):
+    summary = summarise(one_panel)
+    assert sharpness_metrics(summary.columns) == []
+    assert not [column for column in settings_table(summary) if "λ_max" in column or "ρ" in column]
+
+
+def test_the_slice_figure_draws_each_methods_mean_loss_with_a_band_of_one_std_in_its_colour(measured, drawn,
+                                                                                            tmp_path):
+    written, notes = figures.loss_slices(load_runs(measured), tmp_path)
+    (figure,) = drawn
+    assert figure.stem == "slice1d_CIFAR-10_resnet18"
+    assert written == [tmp_path / "slice1d_CIFAR-10_resnet18.png", tmp_path / "slice1d_CIFAR-10_resnet18.pdf"]
+    (axis,) = figure.figure.axes
+    # SGD first (method order); F-SAM: seeds 1 and 2, [1, 0, 1] and [3, 0, 3]; seed 3 measured on other images
+    assert [points(line) for line in axis.lines] == [[(-1.0, 4.0), (0.0, 1.0), (1.0, 5.0)],
+                                                     [(-1.0, 2.0), (0.0, 0.0), (1.0, 2.0)]]
+    assert [line.get_color() for line in axis.lines] == [SGD, FSAM]
+    assert legend(axis) == ["SGD, n=1", "F-SAM, n=2"]
+    (fsam_band,) = axis.collections  # SGD has one measured seed: no band
+    assert tuple(fsam_band.get_facecolor()[0]) == pytest.approx(to_rgba(FSAM, 0.18))
+    assert band(fsam_band) == {-1.0: (round(2 - 2 ** 0.5, 6), round(2 + 2 ** 0.5, 6)), 0.0: (0.0, 0.0),
+                               1.0: (round(2 - 2 ** 0.5, 6), round(2 + 2 ** 0.5, 6))}
+    assert axis.get_xlabel() == "α: step along the direction, in units of each filter's own norm"
+    assert axis.get_title().startswith("CIFAR-10, resnet18: loss along a filter-normalised random direction")
+    assert notes == [f"slices: left out {measured / 'fsam' / 'seed3'} (its slice was measured with other options than "
+                     "its setting's other seeds)"]
+
+
+def test_accuracy_against_lambda_max_is_one_point_per_run_in_its_methods_colour(measured, drawn, tmp_path):
+    written, notes = figures.accuracy_against_lambda_max(load_runs(measured), tmp_path)
+    (figure,) = drawn
+    assert figure.stem == "accuracy_vs_lambda_max_CIFAR-10_resnet18"
+    (axis,) = figure.figure.axes
+    sgd, fsam = axis.collections
+    assert sgd.get_offsets().tolist() == [[50.0, 65.0]]
+    assert sorted(fsam.get_offsets().tolist()) == [[10.0, 71.0], [14.0, 72.0]]  # final-epoch top-1 of seeds 1, 2
+    assert tuple(sgd.get_facecolor()[0]) == pytest.approx(to_rgba(SGD)) and tuple(
+        fsam.get_facecolor()[0]) == pytest.approx(to_rgba(FSAM))
+    assert legend(axis) == ["SGD, n=1", "F-SAM, n=2"]
+    assert (axis.get_xlabel(), axis.get_ylabel()) == ("λ_max: top eigenvalue of the training loss's Hessian",
+                                                      FINAL)
+    assert notes == [f"accuracy against λ_max: left out {measured / 'fsam' / 'seed3'} (λ_max measured with other "
+                     "options than the other runs of its panel)"]
+
+
+def test_runs_without_sharpness_draw_no_sharpness_figure(one_panel, drawn, tmp_path):
+    assert figures.loss_slices(one_panel, tmp_path) == ([], [])
+    assert figures.accuracy_against_lambda_max(one_panel, tmp_path) == ([], [])
+    assert drawn == []
+
+
+def test_plot_draws_the_sharpness_figures_of_measured_runs_and_says_why_not_otherwise(measured, tmp_path,
+                                                                                      monkeypatch, capsys):
+    assert run_script(monkeypatch, "plot", measured, "--out-dir", tmp_path / "figures") == 0
+    printed = capsys.readouterr().out
+    assert f"written (loss along a random direction): {tmp_path / 'figures' / 'slice1d_CIFAR-10_resnet18.png'}" in printed
+    assert "written (accuracy against λ_max): " in printed
+    bare = tmp_path / "bare"
+    write_run(bare, "sgd/seed1")
+    assert run_script(monkeypatch, "plot", bare, "--out-dir", tmp_path / "other") == 0
+    printed = capsys.readouterr().out
+    assert ("not drawn (loss along a random direction): needs finished runs measured with scripts/sharpness.py "
+            "--what slice1d") in printed
+    assert "not drawn (accuracy against λ_max): needs finished runs measured with scripts/sharpness.py --what eigen" \
+        in printed

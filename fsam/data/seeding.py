@@ -14,6 +14,7 @@ EPOCH_ORDER = 1
 LABEL_NOISE = 2
 SAMPLE_TRANSFORM = 3
 VALIDATION_SPLIT = 4
+MEASUREMENT_IMAGES = 5  # the training images a sharpness measurement is taken on (fsam.analysis.record)
 
 
 def derive_seed(*parts: int) -> int:

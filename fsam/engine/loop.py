@@ -166,6 +166,48 @@ def _start(
     return _Trainer(config, folder, info, stops).train()
 
 
+def run_data(config: RunConfig, device: torch.device, *, rank: int = 0, world_size: int = 1,
+             label_noise: bool = True) -> Any:
+    """The run's :class:`fsam.data.DataBundle` for this process (``rank`` of ``world_size``), as training builds
+    it; the sharpness measurement (:mod:`fsam.analysis.record`) builds its images with it too. ``label_noise=False``
+    gives the same images, in the same order, with their true labels (the noise changes labels only)."""
+    dataset, trainer = config.dataset, config.trainer
+    noise = to_plain(dataset.noise if label_noise else NoiseSpec())
+    if noise["seed"] is None:  # the release's way: each training seed draws its own noisy labels
+        noise["seed"] = trainer.seed
+    return build_data(
+        dataset.name, dataset.root, batch_size=trainer.batch_size, eval_batch_size=trainer.eval_batch_size,
+        device=device, seed=trainer.seed, download=dataset.download, url=dataset.url, md5=dataset.md5,
+        augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**noise),
+        image_size=dataset.image_size, num_workers=dataset.num_workers, rank=rank,
+        world_size=world_size, channels_last=trainer.channels_last, train_subset=dataset.train_subset,
+        val_split=dataset.val_split, val_seed=dataset.val_seed, drop_last=dataset.drop_last,
+    )
+
+
+def run_model(config: RunConfig, data: Any, device: torch.device, *, pretrained_weights: bool = True) -> nn.Module:
+    """The run's network for ``data`` (a :class:`fsam.data.DataBundle`) on ``device``, as training builds it.
+    ``pretrained_weights=False`` builds the same architecture without reading the pretrained weights the config
+    names, for a caller that loads a checkpoint over them."""
+    spec = config.model
+    kwargs = dict(spec.kwargs)
+    asked = kwargs.pop("num_classes", data.num_classes)
+    if asked != data.num_classes:
+        raise DataError(
+            f"model.kwargs.num_classes={asked} does not fit dataset {config.dataset.name}, which has "
+            f"{data.num_classes} classes: remove model.kwargs.num_classes (the head is sized from the data)"
+        )
+    model = create_model(
+        spec.name, data.num_classes, image_size=data.image_size,
+        pretrained_path=spec.pretrained_path if pretrained_weights else None,
+        pretrained=spec.pretrained and pretrained_weights, **kwargs,
+    ).to(device)
+    if config.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    check_forward(model, data.image_size, dict(spec.kwargs))  # a kwarg that fails only in forward
+    return model
+
+
 def refuse_other_run(where: Any, before: dict[str, Any], now: dict[str, Any]) -> None:
     """CheckpointError listing the keys (old -> new) when ``where`` holds a run of another setting or seed."""
     changed = differences(before, now)
@@ -213,8 +255,8 @@ class _Trainer:
         self.amp, note = precision_mode(trainer.amp, self.device)
         if note:
             self.say(note)
-        self.data = self._build_data()
-        self.model = self._build_model()
+        self.data = run_data(config, self.device, rank=info.rank, world_size=info.world_size)
+        self.model = run_model(config, self.data, self.device)
         opt = config.optimizer
         self.optimizer = create_optimizer(
             self.model, opt.name, base=opt.base, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
@@ -262,38 +304,6 @@ class _Trainer:
     def say(self, message: str) -> None:
         if self.info.is_main:
             print(message, flush=True)
-
-    def _build_data(self) -> Any:
-        dataset, trainer = self.config.dataset, self.config.trainer
-        noise = to_plain(dataset.noise)
-        if noise["seed"] is None:  # the release's way: each training seed draws its own noisy labels
-            noise["seed"] = trainer.seed
-        return build_data(
-            dataset.name, dataset.root, batch_size=trainer.batch_size, eval_batch_size=trainer.eval_batch_size,
-            device=self.device, seed=trainer.seed, download=dataset.download, url=dataset.url, md5=dataset.md5,
-            augment=AugmentSpec(**to_plain(dataset.augment)), noise=NoiseSpec(**noise),
-            image_size=dataset.image_size, num_workers=dataset.num_workers, rank=self.info.rank,
-            world_size=self.info.world_size, channels_last=trainer.channels_last, train_subset=dataset.train_subset,
-            val_split=dataset.val_split, val_seed=dataset.val_seed, drop_last=dataset.drop_last,
-        )
-
-    def _build_model(self) -> nn.Module:
-        spec = self.config.model
-        kwargs = dict(spec.kwargs)
-        asked = kwargs.pop("num_classes", self.data.num_classes)
-        if asked != self.data.num_classes:
-            raise DataError(
-                f"model.kwargs.num_classes={asked} does not fit dataset {self.config.dataset.name}, which has "
-                f"{self.data.num_classes} classes: remove model.kwargs.num_classes (the head is sized from the data)"
-            )
-        model = create_model(
-            spec.name, self.data.num_classes, image_size=self.data.image_size,
-            pretrained_path=spec.pretrained_path, pretrained=spec.pretrained, **kwargs,
-        ).to(self.device)
-        if self.config.trainer.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        check_forward(model, self.data.image_size, dict(spec.kwargs))  # a kwarg that fails only in forward
-        return model
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
@@ -432,7 +442,11 @@ class _Trainer:
             self.mirror.finish(failed=True)
             raise
         summary = {**self._summary(), **training_fit(self.model, self.data, self.precision, self.device)}
-        if self.info.is_main:  # last, and only over complete records: its presence marks the run finished
+        if self.info.is_main:
+            # The final weights alone, small enough to keep for every run (the sharpness measurement reads them).
+            self.folder.lock.check()
+            self.store.save_final(self.model.state_dict())
+            # last, and only over complete records: its presence marks the run finished
             self.folder.write_summary(summary, epochs=len(progress.metrics))
         self.say(
             f"finished: final test top-1 {summary['final_top1']:.2f}% (best test epoch, a diagnostic: "

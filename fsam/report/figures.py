@@ -1,5 +1,6 @@
 """Figures from run folders: learning curves with a band over seeds, the λ × σ heatmap, accuracy against label noise,
-and how well F-SAM's EMA estimated the full gradient (runs trained with ``trainer.full_grad_analysis_every``).
+how well F-SAM's EMA estimated the full gradient (runs trained with ``trainer.full_grad_analysis_every``), and from
+runs measured by ``scripts/sharpness.py`` the loss along a random direction and accuracy against λ_max.
 
 Each function draws one kind of figure per data set and model found, saves it as PNG and PDF and returns the
 paths written. One colour per method throughout (:data:`METHOD_COLORS`), so a method looks the same in every
@@ -9,7 +10,9 @@ standard deviation (drawn only with two or more seeds).
 
 from __future__ import annotations
 
+import json
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +24,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fsam.report.runs import load_metrics  # noqa: E402
+from fsam.report.sharpness import read_measurements  # noqa: E402
 from fsam.report.tables import (  # noqa: E402
     METHOD_NAMES, METHOD_ORDER, METRICS, VARIANT_KEYS, row_label, setting_labels,
 )
@@ -230,6 +234,86 @@ def ema_agreement(runs: pd.DataFrame, folder: Path) -> list[Path]:
         figure.tight_layout()
         written += _save(figure, folder, f"ema_vs_full_gradient_{_slug(run.setting, f'seed{run.seed}')}")
     return written
+
+
+def _most_common_options(records: dict[str, dict], run_dirs: list[str]) -> tuple[list[str], list[str]]:
+    """The run folders among ``run_dirs`` whose record (``records[run_dir]``, with its ``options``) was measured
+    with the options most of them used (a tie: the first in sorted order), and the others."""
+    keys = {run_dir: json.dumps(records[run_dir]["options"], sort_keys=True) for run_dir in run_dirs}
+    counts = Counter(keys.values())
+    chosen = sorted(counts, key=lambda key: (-counts[key], key))[0]
+    return ([run_dir for run_dir in run_dirs if keys[run_dir] == chosen],
+            [run_dir for run_dir in run_dirs if keys[run_dir] != chosen])
+
+
+def loss_slices(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]]:
+    """Per data set and model: the loss along a filter-normalised random direction (``scripts/sharpness.py --what
+    slice1d``) against the step α, one line per method in its colour: the mean over the finished seeds of its
+    setting with the most seeds, among those measured with the options most of them used, with a ± std band (two or
+    more seeds). Returns the paths written and notes on the runs left out."""
+    written: list[Path] = []
+    notes: list[str] = []
+    finished = runs[(runs["status"] == "finished") & runs["setting"].notna()]
+    slices = {run_dir: read_measurements(run_dir).get("slice1d") for run_dir in finished["run_dir"]}
+    measured = finished[[slices[run_dir] is not None for run_dir in finished["run_dir"]]]
+    if measured.empty:
+        return written, notes
+    measured, _ = one_setting_per_method(measured)
+    for (dataset, model), panel in measured.groupby(measured.apply(row_label, axis=1)):
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        settings = panel.drop_duplicates("setting")
+        labels = setting_labels(settings)
+        for setting in sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting])):
+            seeds = list(panel[panel["setting"] == setting.setting]["run_dir"])
+            members, left_out = _most_common_options(slices, seeds)
+            notes += [f"slices: left out {run_dir} (its slice was measured with other options than its setting's "
+                      "other seeds)" for run_dir in left_out]
+            alphas = slices[members[0]]["result"]["alphas"]
+            losses = np.array([slices[run_dir]["result"]["losses"] for run_dir in members])
+            color = METHOD_COLORS.get(setting.optimizer, "black")
+            mean = losses.mean(axis=0)
+            axis.plot(alphas, mean, color=color, linewidth=1.8, label=f"{labels[setting.setting]}, n={len(members)}")
+            if len(members) >= 2:
+                std = losses.std(axis=0, ddof=1)
+                axis.fill_between(alphas, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
+        axis.set(xlabel="α: step along the direction, in units of each filter's own norm",
+                 ylabel="loss on the measured training images (nats)",
+                 title=f"{dataset}, {model}: loss along a filter-normalised random direction\n"
+                       "(Li et al. 2018); mean over seeds, band ± 1 std")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        written += _save(figure, folder, f"slice1d_{_slug(dataset, model)}")
+    return written, notes
+
+
+def accuracy_against_lambda_max(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]]:
+    """Per data set and model: each finished run's final-epoch test top-1 against its λ_max (``scripts/sharpness.py
+    --what eigen``), one point per run in its method's colour, among the runs measured with the options most of
+    them used. Returns the paths written and notes on the runs left out."""
+    written: list[Path] = []
+    notes: list[str] = []
+    if "lambda_max" not in runs:
+        return written, notes
+    measured = runs[(runs["status"] == "finished") & runs["lambda_max"].notna()]
+    for (dataset, model), panel in measured.groupby(measured.apply(row_label, axis=1)):
+        records = {row.run_dir: {"options": json.loads(row.lambda_max_options)} for row in panel.itertuples()}
+        kept, left_out = _most_common_options(records, list(panel["run_dir"]))
+        notes += [f"accuracy against λ_max: left out {run_dir} (λ_max measured with other options than the other "
+                  "runs of its panel)" for run_dir in left_out]
+        panel = panel[panel["run_dir"].isin(kept)]
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        for method, points in sorted(panel.groupby("optimizer"), key=lambda item: _method_key(item[0])):
+            axis.scatter(points["lambda_max"], points["final_top1"], color=METHOD_COLORS.get(method, "black"),
+                         label=f"{METHOD_NAMES.get(method, method)}, n={len(points)}", s=30)
+        axis.set(xlabel="λ_max: top eigenvalue of the training loss's Hessian", ylabel=METRICS["final_top1"],
+                 title=f"{dataset}, {model}: test accuracy against λ_max, one point per run\n"
+                       "(sharpness is a diagnostic: it correlates weakly with accuracy across settings)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        written += _save(figure, folder, f"accuracy_vs_lambda_max_{_slug(dataset, model)}")
+    return written, notes
 
 
 def mean_chart(points: pd.DataFrame, title: str, value_label: str) -> plt.Figure:

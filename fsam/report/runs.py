@@ -5,7 +5,8 @@ config), ``metrics.jsonl`` (one JSON object per epoch) and, once finished, ``sum
 their ``setting`` (what they compute, see :mod:`fsam.runfolder`), never by a fixed list of keys. Folders without
 ``summary.json`` are reported as unfinished (or diverged when ``status.json`` says so), never mixed into the
 finished results. A folder whose records do not verify (:meth:`fsam.runfolder.RunFolder.problem`: a record that
-does not parse, a config edited after the run) is damaged: listed with its problem, never tabulated.
+does not parse, a config edited after the run) is damaged: listed with its problem, never tabulated. A finished
+run measured by ``scripts/sharpness.py`` also brings its sharpness numbers (:mod:`fsam.report.sharpness`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from fsam.errors import FsamError
+from fsam.report.sharpness import read_measurements, sharpness_columns
 from fsam.runfolder import RunFolder, lookup, model_kwargs, model_label, read_metrics, unused_keys
 
 # Columns shown beside each setting; they describe it, the setting's digest decides what is grouped.
@@ -96,6 +98,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         summary = folder.finished_summary() if problem is None else None
         if summary is not None:
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
+            row.update(sharpness_columns(read_measurements(folder.path)))
         rows.append(row)
     return pd.DataFrame(rows)
 

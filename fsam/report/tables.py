@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from fsam.report.sharpness import PARTS as SHARPNESS_PARTS
+from fsam.report.sharpness import format_sharpness, metric_title, sharpness_metrics, summarise_sharpness
 from fsam.runfolder import DIGEST_LENGTH
 
 # The epoch a figure comes from, headline first: the last (nothing chosen), the best by validation accuracy (runs
@@ -61,9 +63,13 @@ VARIANT_KEYS = {"lr": "lr", "weight_decay": "wd", "rho": "ρ", "sigma": "σ", "l
 def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataFrame:
     """One row per setting: its describing columns; for each metric the mean, the sample standard deviation (n − 1
     denominator, only with two or more seeds) and n, over its finished runs; the counts of unfinished, running and
-    diverged runs (never averaged); ``short`` when fewer finished seeds than ``seeds_expected``."""
+    diverged runs (never averaged); ``short`` when fewer finished seeds than ``seeds_expected``. Sharpness metrics
+    measured on some run add their mean, std, n, options and runs left out
+    (:func:`fsam.report.sharpness.summarise_sharpness`)."""
     columns = ["setting", *DESCRIBE_COLUMNS, "n", *STATES, "short"]
     columns += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "std")]
+    measured = sharpness_metrics(runs.columns)
+    columns += [f"{metric}_{part}" for metric in measured for part in SHARPNESS_PARTS]
     if runs.empty or "setting" not in runs:
         return pd.DataFrame(columns=columns)
     rows = []
@@ -78,6 +84,7 @@ def summarise(runs: pd.DataFrame, seeds_expected: int | None = None) -> pd.DataF
             values = finished[metric].astype(float) if metric in finished else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) >= 2 else math.nan
+        row.update(summarise_sharpness(finished, measured))
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
@@ -216,7 +223,8 @@ def reported_metrics(summary: pd.DataFrame) -> list[str]:
 
 
 def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The per-setting table as it is printed: describing columns, then ``mean ± std (n)`` per metric."""
+    """The per-setting table as it is printed: describing columns, then ``mean ± std (n)`` per metric, then per
+    sharpness metric measured (:func:`fsam.report.sharpness.format_sharpness`)."""
     table = summary[["setting", *DESCRIBE_COLUMNS]].copy()
     for metric in reported_metrics(summary):
         title = METRICS[metric]
@@ -224,6 +232,11 @@ def settings_table(summary: pd.DataFrame) -> pd.DataFrame:
             format_cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row["n"]),
                         {state: int(row[state]) for state in STATES}, bool(row["short"]))
             for _, row in summary.iterrows()
+        ]
+    for metric in sharpness_metrics(summary.columns):
+        table[metric_title(metric)] = [
+            format_sharpness(row[f"{metric}_mean"], row[f"{metric}_std"], int(row[f"{metric}_n"]),
+                             int(row[f"{metric}_left_out"])) for _, row in summary.iterrows()
         ]
     if (table["noise"] == "none").all():
         table = table.drop(columns=["noise", "noise_ratio"])
