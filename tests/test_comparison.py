@@ -43,6 +43,10 @@ def study_runs(tmp_path_factory) -> Path:
         train([[*overrides, "trainer.seed=1"] for _, _, overrides in TINY.tuning_cells()])
         train([[*block, f"trainer.seed={seed}"] for block in seed_blocks(TINY, compose_runs) for seed in (1, 2)])
         train([[*cell, "trainer.seed=1"] for cell in heatmap_cells(TINY, compose_runs)])
+        from fsam.analysis.record import Options, measure_run
+
+        for folder, _ in compose_runs([[*block, "trainer.seed=1"] for block in seed_blocks(TINY, compose_runs)]):
+            measure_run(folder, Options(what=("eigen",), images=32, batch_size=32, power_iterations=3), progress=False)
     finally:
         os.environ.pop("FSAM_RUNS") if before is None else os.environ.__setitem__("FSAM_RUNS", before)
     return root
@@ -62,6 +66,10 @@ def test_the_report_holds_every_seed_its_differences_and_the_heatmap(study_runs,
         assert results.loc[(method, "final_top1"), "n"] == 2
         assert results.loc[(method, "train_fit_top1"), "n"] == 2  # the noisy-label fit is reported
     assert ("fsam", "ema_cosine_mean") in results.index and ("sgd", "ema_cosine_mean") not in results.index
+    for method in ("sgd", "fsam"):  # measured on seed 1 only: one value, never averaged with an unmeasured seed
+        measured = collected.seeds[("sym40", method)][0].sharpness["measurements"]["eigen"]["result"]["eigenvalues"]
+        assert results.loc[(method, "sharpness.lambda_max"), "mean"] == measured[0]
+        assert results.loc[(method, "sharpness.lambda_max"), "n"] == 1
     (difference,) = tables["differences"].itertuples()
     fsam = {run.seed: run.summary["final_top1"] for run in collected.seeds[("sym40", "fsam")]}
     sgd = {run.seed: run.summary["final_top1"] for run in collected.seeds[("sym40", "sgd")]}
@@ -70,6 +78,7 @@ def test_the_report_holds_every_seed_its_differences_and_the_heatmap(study_runs,
     assert list(tables["heatmap"]["lmbda"]) == [0.0, 0.6] and list(tables["heatmap"]["n"]) == [1, 1]
     text = report_text(collected, tables)
     assert "## Final-epoch test top-1 (%): the headline" in text and "never the test split" in text
+    assert "## Sharpness (diagnostic): λ_max (top Hessian eigenvalue)" in text
     assert list(results_layout(tables["results"], "final_top1").columns) == ["sgd", "fsam"]
     written = write_report(collected, tmp_path)
     names = {path.name for path in written}

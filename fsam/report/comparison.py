@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fsam.report.sharpness import metric_title, sharpness_columns, sharpness_metrics
 from fsam.runfolder import RunFolder, read_metrics, write_atomic
 from fsam.study import Choice, ComposeRuns, Study, choices, heatmap_cells, paired_difference
 
@@ -90,10 +91,10 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan, len(array)
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def _cell(mean: float, std: float, n: int, digits: str = ".2f") -> str:
     if n == 0:
         return "—"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
+    return f"{mean:{digits}}" + (f" ± {std:{digits}}" if n > 1 else "") + f" (n={n})"
 
 
 def _ema_cosine(run: Run, last: bool) -> float | None:
@@ -113,18 +114,10 @@ SUMMARY_VALUES = {
 
 
 def _sharpness_values(run: Run) -> dict[str, float]:
-    """The scalar measurements of a run's analysis/sharpness.json, by name (nested records flattened a.b.c)."""
-    values: dict[str, float] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            values[prefix] = float(node)
-
-    walk("", (run.sharpness or {}).get("results", run.sharpness or {}))
-    return values
+    """The run's sharpness metrics (λ_max, the trace, ρ-sharpness by geometry, radius and case; see
+    :mod:`fsam.report.sharpness`), without their options: a study measures all its runs with the same ones."""
+    columns = sharpness_columns(dict((run.sharpness or {}).get("measurements") or {}))
+    return {name: value for name, value in columns.items() if not name.endswith("_options")}
 
 
 def comparison_tables(collected: Collected) -> dict[str, pd.DataFrame]:
@@ -143,8 +136,9 @@ def comparison_tables(collected: Collected) -> dict[str, pd.DataFrame]:
         for key, series in values.items():
             mean, std, n = _mean_std([value for value in series if value is not None])
             if n:
+                digits = ".4g" if key.startswith("sharpness.") else ".2f"  # curvatures span orders of magnitude
                 rows.append({"condition": condition, "method": method, "value": key, "mean": mean, "std": std,
-                             "n": n, "cell": _cell(mean, std, n)})
+                             "n": n, "cell": _cell(mean, std, n, digits)})
     results = pd.DataFrame(rows, columns=["condition", "method", "value", "mean", "std", "n", "cell"])
     differences = []
     for condition in study.conditions:
@@ -200,10 +194,10 @@ def report_text(collected: Collected, tables: dict[str, pd.DataFrame]) -> str:
         layout = results_layout(tables["results"], value)
         if not layout.empty:
             lines += [f"## {title}", "", _markdown(layout), ""]
-    sharpness = sorted({value for value in tables["results"]["value"] if value.startswith("sharpness.")})
-    for value in sharpness:
-        lines += [f"## Sharpness: {value.removeprefix('sharpness.')}", "", _markdown(results_layout(tables["results"],
-                                                                                                     value)), ""]
+    measured = {value.removeprefix("sharpness.") for value in tables["results"]["value"] if value.startswith("sharpness.")}
+    for value in (f"sharpness.{metric}" for metric in sharpness_metrics(measured)):
+        lines += [f"## Sharpness (diagnostic): {metric_title(value.removeprefix('sharpness.'))}", "",
+                  _markdown(results_layout(tables["results"], value)), ""]
     if not tables["differences"].empty:
         differences = tables["differences"].pivot(index="condition", columns="pair", values="cell")
         lines += ["## Paired differences of the final-epoch test top-1 (points)", "", _markdown(differences), ""]
