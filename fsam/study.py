@@ -131,18 +131,24 @@ def seed_blocks(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:
 
 def heatmap_cells(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:
     """The heatmap's settings one by one (λ, then σ), without the seed."""
-    (block,) = heatmap_blocks(study, compose_runs)
-    kept = block[:-len(study.heatmap)]
+    kept = _heatmap_base(study, compose_runs)
     return [[*kept, *(f"{key}={value:g}" for key, value in zip(study.heatmap, values))]
             for values in itertools.product(*study.heatmap.values())]
 
 
 def heatmap_blocks(study: Study, compose_runs: ComposeRuns) -> list[list[str]]:
-    """F-SAM's λ × σ in the heatmap condition, every other value at F-SAM's choice there (one sweep)."""
+    """F-SAM's λ × σ in the heatmap condition, every other value at F-SAM's choice there: one sweep per value of
+    the first key (so that several can run at once), the other keys swept in each."""
+    kept = _heatmap_base(study, compose_runs)
+    (first, firsts), *rest = study.heatmap.items()
+    return [[*kept, f"{first}={value:g}", *(f"{key}={','.join(f'{item:g}' for item in values)}" for key, values in rest)]
+            for value in firsts]
+
+
+def _heatmap_base(study: Study, compose_runs: ComposeRuns) -> list[str]:
+    """F-SAM's choice in the heatmap condition without the keys the heatmap sweeps."""
     chosen = choices(study, compose_runs)[(study.heatmap_condition, "fsam")]
-    swept = {item.split("=", 1)[0] for item in chosen.overrides} & set(study.heatmap)
-    kept = [item for item in chosen.overrides if item.split("=", 1)[0] not in swept]
-    return [[*kept, *(f"{key}={','.join(f'{value:g}' for value in values)}" for key, values in study.heatmap.items())]]
+    return [item for item in chosen.overrides if item.split("=", 1)[0] not in study.heatmap]
 
 
 @dataclass(frozen=True)

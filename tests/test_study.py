@@ -82,9 +82,9 @@ def test_each_method_is_chosen_by_its_best_validation_value_the_first_of_equal_o
     assert chosen[("sym40", "fsam")].value == 10
     blocks = seed_blocks(SMALL, compose)
     assert blocks == [chosen[(c, m)].overrides for c in SMALL.conditions for m in SMALL.search]
-    (heatmap,) = heatmap_blocks(SMALL, compose)
-    assert heatmap == [*SMALL.method_cell("sym40", "fsam"), SMALL.trial_overrides("fsam")[3][0],  # its choice's lr
-                       "optimizer.lmbda=0,0.6", "optimizer.sigma=1,2"]
+    base = [*SMALL.method_cell("sym40", "fsam"), SMALL.trial_overrides("fsam")[3][0]]  # with its choice's lr
+    assert heatmap_blocks(SMALL, compose) == [[*base, "optimizer.lmbda=0", "optimizer.sigma=1,2"],
+                                              [*base, "optimizer.lmbda=0.6", "optimizer.sigma=1,2"]]
 
 
 def test_the_seed_stage_waits_for_every_tuning_run(tmp_path):
