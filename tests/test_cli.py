@@ -63,7 +63,7 @@ def test_the_quickstart_runs_and_says_where_its_records_are(train_py, isolated_r
 @pytest.mark.parametrize(
     "arguments, expected",
     [
-        (["model=lenet"], "model=lenet is not an option of model: choose one of deit_small, pyramidnet110, resnet18"),
+        (["model=lenet"], "model=lenet is not an option of model: choose one of deit_small, mlp, pyramidnet110, resnet18"),
         (["optimizer=sgd,adam"], "optimizer=adam is not an option of optimizer: choose one of asam, fasam, fsam, sam, sgd"),
         (["model.name=lenet"], "model.name='lenet' is not a model: choose one of deit_small"),
         (["optimizer.rho=-1"], "optimizer.rho=-1.0 is not allowed: must be > 0"),

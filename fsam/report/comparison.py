@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fsam.report.sharpness import metric_title, sharpness_columns, sharpness_metrics
+from fsam.report.tables import to_latex
 from fsam.runfolder import RunFolder, read_metrics, write_atomic
 from fsam.study import Choice, ComposeRuns, Study, choices, heatmap_cells, paired_difference
 
@@ -136,7 +137,7 @@ def comparison_tables(collected: Collected) -> dict[str, pd.DataFrame]:
         for key, series in values.items():
             mean, std, n = _mean_std([value for value in series if value is not None])
             if n:
-                digits = ".4g" if key.startswith("sharpness.") else ".2f"  # curvatures span orders of magnitude
+                digits = ".3g" if key.startswith("sharpness.") else ".2f"  # curvatures span orders of magnitude
                 rows.append({"condition": condition, "method": method, "value": key, "mean": mean, "std": std,
                              "n": n, "cell": _cell(mean, std, n, digits)})
     results = pd.DataFrame(rows, columns=["condition", "method", "value", "mean", "std", "n", "cell"])
@@ -166,13 +167,25 @@ def comparison_tables(collected: Collected) -> dict[str, pd.DataFrame]:
     return {"results": results, "differences": pd.DataFrame(differences), "chosen": chosen, "heatmap": heatmap}
 
 
-def results_layout(results: pd.DataFrame, value: str) -> pd.DataFrame:
-    """One value as a table a reader scans: conditions as rows, methods as columns, formatted cells."""
+def results_layout(results: pd.DataFrame, value: str, study: Study | None = None) -> pd.DataFrame:
+    """One value as a table a reader scans: conditions as rows (in the study's order), methods as columns (in
+    its search's order), formatted cells."""
     chosen = results[results["value"] == value]
     if chosen.empty:
         return pd.DataFrame()
     table = chosen.pivot(index="condition", columns="method", values="cell")
-    return table.reindex(columns=[method for method in ("sgd", "sam", "fsam") if method in table.columns])
+    methods = list(study.search) if study else ["sgd", "sam", "fsam"]
+    conditions = list(study.conditions) if study else list(table.index)
+    return table.reindex(index=[c for c in conditions if c in table.index],
+                         columns=[m for m in methods if m in table.columns])
+
+
+def differences_layout(differences: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """The paired differences as conditions (in the study's order) by pairs (in PAIRS' order)."""
+    table = differences.pivot(index="condition", columns="pair", values="cell")
+    pairs = [f"{a} - {b}" for a, b in PAIRS]
+    return table.reindex(index=[c for c in study.conditions if c in table.index],
+                         columns=[p for p in pairs if p in table.columns])
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -191,17 +204,18 @@ def report_text(collected: Collected, tables: dict[str, pd.DataFrame]) -> str:
                          ("train_clean_top1", "Agreement with the clean training labels (%; eval mode)"),
                          ("ema_cosine_mean", "F-SAM: cosine of its EMA to the full gradient, mean over training"),
                          ("ema_cosine_last", "F-SAM: cosine of its EMA to the full gradient, last measurement")):
-        layout = results_layout(tables["results"], value)
+        layout = results_layout(tables["results"], value, study)
         if not layout.empty:
             lines += [f"## {title}", "", _markdown(layout), ""]
     measured = {value.removeprefix("sharpness.") for value in tables["results"]["value"] if value.startswith("sharpness.")}
     for value in (f"sharpness.{metric}" for metric in sharpness_metrics(measured)):
         lines += [f"## Sharpness (diagnostic): {metric_title(value.removeprefix('sharpness.'))}", "",
-                  _markdown(results_layout(tables["results"], value)), ""]
+                  _markdown(results_layout(tables["results"], value, study)), ""]
     if not tables["differences"].empty:
-        differences = tables["differences"].pivot(index="condition", columns="pair", values="cell")
-        lines += ["## Paired differences of the final-epoch test top-1 (points)", "", _markdown(differences), ""]
-    chosen = tables["chosen"].astype(object).where(tables["chosen"].notna(), "")  # a key the method lacks: blank
+        lines += ["## Paired differences of the final-epoch test top-1 (points)", "",
+                  _markdown(differences_layout(tables["differences"], study)), ""]
+    chosen = tables["chosen"].round({study.select: 2})
+    chosen = chosen.astype(object).where(chosen.notna(), "")  # a key the method lacks: blank
     lines += ["## Each method's choice", "", chosen.to_markdown(index=False), ""]
     if not tables["heatmap"].empty:
         grid = tables["heatmap"].assign(cell=[_cell(row.mean, row.std, int(row.n))
@@ -228,6 +242,16 @@ def write_report(collected: Collected, out_dir: Path) -> list[Path]:
     report = out_dir / "tables" / "comparison.md"
     write_atomic(report, report_text(collected, tables) + "\n")
     written.append(report)
+    latex = {"final_top1": (results_layout(tables["results"], "final_top1", collected.study),
+                            f"Final-epoch test top-1 (%), {SPREAD}, each method at its choice on validation")}
+    if not tables["differences"].empty:
+        latex["differences"] = (differences_layout(tables["differences"], collected.study),
+                                "Per-seed differences of the final-epoch test top-1 (points), mean and 95 % t "
+                                "interval; an interval that contains 0 is no difference")
+    for name, (frame, caption) in latex.items():
+        path = out_dir / "tables" / f"{name}.tex"
+        write_atomic(path, to_latex(frame, caption, f"tab:{collected.study.name}-{name}"))
+        written.append(path)
     written += curves_figure(collected, out_dir / "figures")
     heatmap = tables["heatmap"].rename(columns={"mean": "final_val_top1_mean"})
     runs = [run for point in collected.heatmap.values() for run in point]
