@@ -10,7 +10,8 @@ ablation it ends with. From it come the cells of three stages, each an ordinary 
    by a scrambled Sobol sequence of a fixed seed (so the trials are a stated list, the same on every machine);
 2. **seeds**: each method's trial with the highest ``select`` value (a validation number, never a test one) at
    seeds 1..N; the tuning trial is seed 1, so it is one of them;
-3. **heatmap**: F-SAM's λ × σ around its choice in one condition, on the validation split, over a few seeds.
+3. **heatmap**: F-SAM's λ × σ around its choice in one condition, on the validation split, over a few seeds;
+4. **sharpness**: the seed stage's final weights measured by ``scripts/sharpness.py`` (here, or as jobs).
 
 :func:`paired_difference` gives the per-seed difference of two methods (the seeds share the data order, the
 initialisation and the noisy labels) with a t confidence interval.
@@ -60,6 +61,8 @@ class Study:
     heatmap_condition: str
     heatmap: dict[str, tuple[float, ...]] = field(default_factory=dict)  # F-SAM key -> values
     heatmap_seeds: int = 3
+    # scripts/sharpness.py's options for the seed stage's runs (the analysis stage, ``<study>_sharpness``)
+    sharpness: tuple[str, ...] = ("--images", "512", "--what", "eigen,trace,rho,slice1d")
 
     def trial_overrides(self, method: str) -> list[list[str]]:
         """The method's trials, each as overrides: a scrambled Sobol sequence of ``trial_seed`` mapped onto its

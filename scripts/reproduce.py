@@ -5,6 +5,7 @@
     python scripts/reproduce.py --grid digits --seeds 3            # train what is missing, one sweep per block
     python scripts/reproduce.py --grid cifar100_resnet18 --launcher slurm -- hydra.launcher.partition=gpu
     python scripts/reproduce.py --grid all --dry-run --seeds 1     # every paper grid, and its GPU-hours estimate
+    python scripts/reproduce.py --grid digits_noise_sharpness --parallel 2   # a study's analysis stage
 
 A grid is a list of blocks; a block is one ``train.py -m`` sweep (comma lists in its overrides), run with
 ``trainer.seed=1..N``. Relaunching a grid skips its finished runs and continues the unfinished ones (run
@@ -156,6 +157,12 @@ def study_grids(study: Study) -> dict[str, tuple[str, list[list[str]] | Callable
             f"condition, at seeds 1..{study.seeds} (needs the tuning stage)",
             lambda: seed_blocks(study, compose_runs),
         ),
+        f"{study.name}_sharpness": (
+            f"the {study.name} study's analysis: the seed stage's final weights measured by scripts/sharpness.py "
+            f"{' '.join(study.sharpness)} (here, with --parallel, or one job per run with --launcher local/slurm; "
+            "arguments after -- go to sharpness.py)",
+            lambda: seed_blocks(study, compose_runs),
+        ),
         f"{study.name}_heatmap": (
             f"the {study.name} study's F-SAM lambda x sigma at {study.heatmap_condition}, every other value at F-SAM's "
             f"choice there, seeds 1..{study.heatmap_seeds} (needs the tuning stage)",
@@ -167,11 +174,13 @@ def study_grids(study: Study) -> dict[str, tuple[str, list[list[str]] | Callable
 # How many seeds each study stage runs unless --seeds says otherwise (3 for the other grids).
 GRID_SEEDS = {}
 STUDY_GRIDS = set()
+ANALYSIS_GRIDS: dict[str, Study] = {}  # grids that measure runs (scripts/sharpness.py) rather than train them
 for _study in STUDIES.values():
     GRIDS.update(study_grids(_study))
     STUDY_GRIDS.update(study_grids(_study))
+    ANALYSIS_GRIDS[f"{_study.name}_sharpness"] = _study
     GRID_SEEDS.update({f"{_study.name}_tune": 1, f"{_study.name}_seeds": _study.seeds,
-                       f"{_study.name}_heatmap": _study.heatmap_seeds})
+                       f"{_study.name}_sharpness": _study.seeds, f"{_study.name}_heatmap": _study.heatmap_seeds})
 
 
 def blocks_of(grid: str) -> list[list[str]]:
@@ -338,6 +347,8 @@ def main() -> int:
         for block in blocks
     ]
     print(f"grid {args.grid}: {description}")
+    if args.grid in ANALYSIS_GRIDS:
+        return measure_grid(ANALYSIS_GRIDS[args.grid], blocks, seeds, args)
     try:
         cells = grid_cells(blocks, [f"trainer.seed={seeds}", *args.extra])
         check_arguments(args.extra)  # an unknown key or option, in train.py's words
@@ -354,6 +365,38 @@ def main() -> int:
                 print("would run: " + " ".join(command[1:]))
         return 0
     return run_sweeps(commands, args.parallel)
+
+
+def measure_grid(study: Study, blocks: list[list[str]], seeds: str, args: argparse.Namespace) -> int:
+    """The analysis stage: the runs of ``blocks`` (the seed stage's) measured by scripts/sharpness.py, in one
+    command (here, ``--parallel`` processes, or one job per run); --status says which runs are measured."""
+    from train import one_line, report
+
+    try:
+        composed = compose_runs(grid_cells(blocks, [f"trainer.seed={seeds}"]))
+    except FsamError as error:
+        report(one_line(error))
+        return 2
+    folders = list(dict.fromkeys(folder for folder, _ in composed))
+    launcher = {"inprocess": "here"}.get(args.launcher, args.launcher)
+    command = [sys.executable, str(REPO / "scripts" / "sharpness.py"), *map(str, folders), *study.sharpness,
+               "--launcher", launcher, "--parallel", str(args.parallel), *args.extra]
+    if args.dry_run or args.status:
+        counts: dict[str, int] = {}
+        for folder in folders:
+            state = state_of(folder)
+            if state == "finished":
+                state = "measured" if (folder / "analysis" / "sharpness.json").exists() else "to measure"
+            counts[state] = counts.get(state, 0) + 1
+            print(f"{state:10s} {folder}")
+        print("runs: " + ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+              + " (measured: a sharpness record exists; a rerun reads back what was measured with these options)")
+        if args.dry_run:
+            print("would run: " + " ".join(command[1:]))
+        return 0
+    print(f"running: {' '.join(command[1:3])} ... ({len(folders)} run folders) {' '.join(command[2 + len(folders):])}",
+          flush=True)
+    return subprocess.call(command, cwd=REPO)
 
 
 def run_sweeps(commands: list[list[str]], parallel: int) -> int:

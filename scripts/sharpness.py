@@ -6,6 +6,8 @@ as analysis/sharpness.json.
     python scripts/sharpness.py RUN --what eigen,slice1d --checkpoint best --images 1024 --batch-size 256
     python scripts/sharpness.py runs/<sgd setting>/seed1 --what line --line-to runs/<fsam setting>/seed1
     python scripts/sharpness.py runs/ --device cuda           # the paper's networks: on a GPU
+    python scripts/sharpness.py runs/ --parallel 2            # two runs at once, one thread each
+    python scripts/sharpness.py runs/ --launcher slurm --partition gpu   # one SLURM job per run
 
 A rerun with the same options reads the numbers back instead of measuring again; other options measure again and
 say which changed. Each number is recorded with its conditions (checkpoint, images and labels, eval mode,
@@ -19,9 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from fsam.analysis.record import CHECKPOINTS, LABELS, QUANTITIES, Options, RefusedRun, measure_run
+from fsam.analysis.jobs import LAUNCHERS, Resources, measure_runs, measurement_device
+from fsam.analysis.record import CHECKPOINTS, LABELS, QUANTITIES, Options
 from fsam.errors import FsamError
 from fsam.report.runs import run_folders
 
@@ -74,6 +75,21 @@ def main() -> int:
     parser.add_argument("--line-to", default=None, help="the run folder at the other end of the line")
     parser.add_argument("--line-points", type=int, default=DEFAULTS.line_points, help="points of the line")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    jobs = parser.add_argument_group("measuring many runs at once")
+    jobs.add_argument("--launcher", default="here", choices=LAUNCHERS,
+                      help="here: in this process (or --parallel processes); local: submitit jobs on this machine; "
+                           "slurm: one SLURM job per run (default: %(default)s)")
+    jobs.add_argument("--parallel", type=int, default=1,
+                      help="here and local: runs measured at once, one thread each (default: %(default)s)")
+    jobs.add_argument("--partition", default=None, help="slurm: the partition")
+    jobs.add_argument("--account", default=None, help="slurm: the account")
+    jobs.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job (default: %(default)s)")
+    jobs.add_argument("--cpus-per-job", type=int, default=4, help="slurm: CPUs per job (default: %(default)s)")
+    jobs.add_argument("--mem-gb", type=int, default=16, help="slurm: memory per job (default: %(default)s)")
+    jobs.add_argument("--timeout-min", type=int, default=60,
+                      help="local and slurm: time limit per job (default: %(default)s)")
+    jobs.add_argument("--log-dir", type=Path, default=Path("logs/sharpness"),
+                      help="local and slurm: the jobs' logs (default: %(default)s)")
     args = parser.parse_args()
     try:
         options = Options(
@@ -87,45 +103,33 @@ def main() -> int:
             slice_points=args.slice_points, slice2d_points=args.slice2d_points, line_to=args.line_to,
             line_points=args.line_points,
         )
-        device = measurement_device(args.device)
+        if args.launcher == "here":
+            measurement_device(args.device)
+        resources = Resources(partition=args.partition, account=args.account, gpus_per_job=args.gpus_per_job,
+                              cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
+                              log_dir=args.log_dir)
         folders = list(dict.fromkeys(folder for root in args.runs for folder in found_runs(root)))
     except FsamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    refused = 0
-    for folder in folders:
-        try:
-            outcome = measure_run(folder, options, device=device)
-        except RefusedRun as refusal:
-            print(f"refused: {folder}: {refusal}", file=sys.stderr)
-            refused += 1
-            continue
-        except FsamError as error:
-            print(f"error: {folder}: {error}", file=sys.stderr)
-            return 2
-        for quantity, changes in outcome.changed.items():
-            print(f"{folder}: {quantity} measured again, options changed: {'; '.join(changes)}")
-        if outcome.read_back:
-            print(f"{folder}: read back {', '.join(outcome.read_back)} (measured before with the same options)")
-        if outcome.measured:
-            seconds = sum(outcome.record["measurements"][q]["seconds"] for q in outcome.measured)
-            print(f"{folder}: measured {', '.join(outcome.measured)} in {seconds:.1f} s, written to "
-                  "analysis/sharpness.json")
-        print(f"{folder}: {headline(outcome.record['measurements'], options.what)}")
-    return 2 if refused else 0
-
-
-def measurement_device(preference: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU; FsamError for a device not here."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.launcher != "here" or args.parallel > 1:
+        print(f"measuring {len(folders)} runs: {args.launcher}, {args.parallel if args.launcher != 'slurm' else 'all'} "
+              "at a time", flush=True)
+    counts = {"measured": 0, "refused": 0, "failed": 0}
     try:
-        device = torch.device(preference)
-    except RuntimeError:
-        raise FsamError(f"--device {preference} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FsamError(f"--device {preference} but no CUDA device is visible: use --device cpu (or auto)")
-    return device
+        for result in measure_runs(folders, options, device=args.device, launcher=args.launcher,
+                                   parallel=args.parallel, resources=resources):
+            counts[result.status] += 1
+            stream = sys.stdout if result.status == "measured" else sys.stderr
+            print("\n".join(result.lines), file=stream, flush=True)
+    except FsamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if (counts["refused"] or counts["failed"]) and len(folders) > 1:
+        print(f"error: {counts['refused'] + counts['failed']} of {len(folders)} runs not measured "
+              f"({counts['refused']} refused, {counts['failed']} failed; each named above); {counts['measured']} "
+              "measured", file=sys.stderr)
+    return 2 if counts["refused"] or counts["failed"] else 0
 
 
 def found_runs(root: Path) -> list[Path]:
@@ -137,29 +141,6 @@ def found_runs(root: Path) -> list[Path]:
         raise FsamError(f"no run folders (with config.yaml) under {root}: pass the folder your runs were written "
                         "to, or train one first (README, Quick start)")
     return found
-
-
-def headline(measurements: dict, what: tuple[str, ...]) -> str:
-    """The main numbers of the quantities asked for, on one line."""
-    parts = []
-    for quantity in what:
-        result = measurements[quantity]["result"]
-        if quantity == "eigen":
-            parts.append("λ " + ", ".join(f"{value:.4g}" for value in result["eigenvalues"]))
-        elif quantity == "trace":
-            parts.append(f"trace {result['trace']:.4g} ± {result['standard_error']:.2g}")
-        elif quantity == "rho":
-            for geometry, entries in result.items():
-                parts += [f"{geometry} ρ={entry['rho']:g} worst {entry['worst_case']:.4g} average "
-                          f"{entry['average_case']:.4g}" for entry in entries]
-        elif quantity == "line":
-            parts.append(f"line: loss {result['losses'][0]:.4g} -> max {max(result['losses']):.4g} -> "
-                         f"{result['losses'][-1]:.4g}")
-        elif quantity == "slice2d":
-            parts.append(f"slice2d: {len(result['alphas'])}×{len(result['betas'])} points")
-        else:
-            parts.append(f"slice1d: {len(result['alphas'])} points")
-    return "; ".join(parts)
 
 
 if __name__ == "__main__":

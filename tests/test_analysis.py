@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -701,3 +702,74 @@ def test_the_line_to_a_run_of_another_network_is_refused_before_anything_is_meas
         f"refused: {sgd}: the line needs two runs of one data set and network: {resnet} trains resnet18 on cifar10, "
         "this run pyramidnet110 on cifar10")
     assert not (sgd / "analysis").exists()
+
+
+# ------------------------------------------------------------------------------- many runs: processes and jobs
+
+def measured_numbers(run_dir: Path) -> dict:
+    """The numbers of a record, without when and how long (which differ between two measurements)."""
+    return {quantity: entry["result"] for quantity, entry in record_of(run_dir)["measurements"].items()}
+
+
+def test_runs_measured_in_parallel_processes_give_the_numbers_of_one_process(trained, tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    for root in (serial, parallel):
+        for name in ("sgd", "fsam"):
+            shutil.copytree(trained[name], root / name / "seed1")
+    for root, extra in ((serial, []), (parallel, ["--parallel", "2"])):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "sharpness.py"), str(root),
+                                 "--what", "eigen,rho", *TINY, *extra], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # the workers' one thread: equal sums
+        assert result.returncode == 0, result.stderr
+    assert "measuring 2 runs: here, 2 at a time" in result.stdout
+    for name in ("sgd", "fsam"):
+        assert measured_numbers(parallel / name / "seed1") == measured_numbers(serial / name / "seed1")
+
+
+def test_runs_measured_as_jobs_write_their_records_and_a_damaged_run_is_refused_before_any_job(fresh, tmp_path):
+    good, damaged = fresh("fsam"), fresh("sgd")
+    config = damaged / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.05", "lr: 0.07"))
+    logs = tmp_path / "logs"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "sharpness.py"), str(tmp_path / "copies"),
+                             "--what", "eigen", *TINY, "--launcher", "local", "--log-dir", str(logs)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"refused: {damaged}: damaged" in result.stderr
+    assert result.stderr.count("submitted job") == 1  # the good run only
+    assert "error: 1 of 2 runs not measured (1 refused, 0 failed; each named above); 1 measured" in result.stderr
+    assert f"{good}: measured eigen" in result.stdout
+    assert record_of(good)["measurements"]["eigen"]["result"]["eigenvalues"]
+    assert not (damaged / "analysis").exists()
+    assert list(logs.glob("*_log.out")), "the job's log is where the script said"
+
+
+def test_a_job_that_dies_is_named_with_its_log_and_the_other_runs_are_measured(fresh, tmp_path, monkeypatch):
+    from fsam.analysis import jobs
+    from fsam.analysis.record import Options
+
+    good, doomed = fresh("fsam"), fresh("sgd")
+    original = jobs.measure_one
+
+    def dies_on_sgd(run_dir, *args, **kwargs):
+        if Path(run_dir).parent.name == "sgd":
+            raise MemoryError("out of memory")
+        return original(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "measure_one", dies_on_sgd)
+    options = Options(what=("eigen",), images=16, batch_size=8, power_iterations=3)
+    results = {result.run_dir: result for result in jobs.measure_runs(
+        [good, doomed], options, device="cpu", launcher="local", parallel=2,
+        resources=jobs.Resources(log_dir=tmp_path / "logs"))}
+    assert results[good].status == "measured"
+    assert results[doomed].status == "failed"
+    assert "out of memory" in results[doomed].lines[0] and results[doomed].log.endswith("_log.err")
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")
+def test_slurm_jobs_without_slurm_are_refused_in_one_line(trained, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "sharpness.py"), str(trained["fsam"]),
+                             "--launcher", "slurm"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --launcher slurm but there is no sbatch on PATH: run this on a SLURM "
+                                     "login node, or use --launcher here (or local)")

@@ -23,6 +23,7 @@ TINY = Study(
             "fsam": (Dimension("optimizer.lr", 0.05, 0.2), Dimension("optimizer.rho", 0.05, 0.5))},
     trials=2, trial_seed=3, seeds=2, select="final_val_top1", heatmap_condition="sym40",
     heatmap={"optimizer.lmbda": (0.0, 0.6), "optimizer.sigma": (1.0,)}, heatmap_seeds=1,
+    sharpness=("--what", "eigen", "--images", "32", "--batch-size", "32", "--power-iterations", "3"),
 )
 
 
@@ -107,3 +108,35 @@ def test_the_report_refuses_a_study_whose_tuning_has_not_run(monkeypatch, tmp_pa
     monkeypatch.setenv("FSAM_RUNS", str(tmp_path / "empty"))
     with pytest.raises(FsamError, match="4 of 4 tuning runs of tiny are not finished"):
         collect(TINY, compose_runs)
+
+
+def test_the_analysis_stage_measures_the_seed_stages_runs_and_says_which_are_measured(study_runs, monkeypatch,
+                                                                                         tmp_path, capsys):
+    """scripts/reproduce.py --grid <study>_sharpness: seed 1 was measured with the stage's options (read back),
+    seed 2 not yet; one command measures what is missing, in two processes here."""
+    import argparse
+    import runpy
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(study_runs, runs)
+    monkeypatch.setenv("FSAM_RUNS", str(runs))
+    reproduce = runpy.run_path(str(Path(__file__).parent.parent / "scripts" / "reproduce.py"))
+    blocks = seed_blocks(TINY, compose_runs)
+    arguments = argparse.Namespace(launcher="inprocess", parallel=2, extra=[], dry_run=False, status=True)
+    assert reproduce["measure_grid"](TINY, blocks, "1,2", arguments) == 0
+    status = capsys.readouterr().out
+    assert "runs: 2 measured, 2 to measure" in status
+    assert all(("seed1" in line) == line.startswith("measured") for line in status.splitlines() if "seed" in line)
+    arguments.status = False
+    assert reproduce["measure_grid"](TINY, blocks, "1,2", arguments) == 0
+    arguments.status = True
+    assert reproduce["measure_grid"](TINY, blocks, "1,2", arguments) == 0
+    assert "runs: 4 measured" in capsys.readouterr().out
+    for folder, _ in compose_runs(grid_cells(blocks)):
+        record = json.loads((folder / "analysis" / "sharpness.json").read_text())
+        assert record["measurements"]["eigen"]["options"]["images"] == 32
+
+
+def grid_cells(blocks: list[list[str]]) -> list[list[str]]:
+    return [[*block, f"trainer.seed={seed}"] for block in blocks for seed in (1, 2)]
