@@ -132,3 +132,22 @@ def stop_at_call(monkeypatch, call: int, exception: BaseException) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", interrupted)
+
+
+SLURM_COMMANDS = {"srun", "sbatch", "squeue", "scancel", "scontrol", "sinfo", "sacct", "salloc", "sstat"}
+
+
+def path_without_slurm(folder: Path) -> str:
+    """A PATH with every command of this one but SLURM's (links in ``folder``): "a machine without SLURM" on a
+    machine that has it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            target = folder / entry.name
+            if entry.name in SLURM_COMMANDS or target.exists() or not os.access(entry.path, os.X_OK):
+                continue
+            target.symlink_to(entry.path)
+    return str(folder)
+

@@ -766,10 +766,12 @@ def test_a_job_that_dies_is_named_with_its_log_and_the_other_runs_are_measured(f
     assert "out of memory" in results[doomed].lines[0] and results[doomed].log.endswith("_log.err")
 
 
-@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")
 def test_slurm_jobs_without_slurm_are_refused_in_one_line(trained, tmp_path):
+    from conftest import path_without_slurm
+
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "sharpness.py"), str(trained["fsam"]),
-                             "--launcher", "slurm"], capture_output=True, text=True, timeout=120)
+                             "--launcher", "slurm"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": path_without_slurm(tmp_path / "no-slurm")})
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --launcher slurm but there is no sbatch on PATH: run this on a SLURM "
                                      "login node, or use --launcher here (or local)")

@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import TINY_MODEL_CLI
+from conftest import TINY_MODEL_CLI, path_without_slurm
 import numpy as np
 
 from datagen import md5_of, rewrite_cifar_batch, write_cifar_archive, write_imagefolder
@@ -316,7 +316,7 @@ CASES = {
     ),
     "SLURM launcher off a cluster": Case(
         args("-m", "hydra/launcher=slurm"), "hydra/launcher=slurm needs SLURM (srun and sbatch on PATH)",
-        env={"PATH": "{tmp}/no-slurm:/usr/bin:/bin"},
+        env={"PATH": "{no_slurm}"},
     ),
     "unwritable runs folder": Case(unwritable_runs, "cannot be written", env={"FSAM_RUNS": "{tmp}/a-file/runs"}),
     # --- checkpoints -----------------------------------------------------------------------------------------
@@ -336,7 +336,8 @@ def test_bad_input_and_faults_give_one_clear_line_and_the_right_exit_status(name
         if value is None:
             env.pop(key, None)
         else:
-            env[key] = value.format(tmp=tmp_path)
+            no_slurm = path_without_slurm(tmp_path / "no-slurm") if "{no_slurm}" in value else ""
+            env[key] = value.format(tmp=tmp_path, no_slurm=no_slurm)
     env["HOME"] = str(tmp_path)  # no ~/.netrc login of the machine running the tests
     entry = [str(REPO / "tests" / "inject.py"), case.fault] if case.fault else [str(REPO / "train.py")]
     result = subprocess.run(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import path_without_slurm
 from fsam.runfolder import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_a_bad_argument_is_one_line_and_status_2_before_anything_is_listed_or_la
     arguments, expected = BAD_ARGUMENTS[case]
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "reproduce.py"), "--grid", "digits", *arguments], cwd=REPO,
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": f"{tmp_path}/no-slurm:/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path_without_slurm(tmp_path / "no-slurm")},
     )
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
