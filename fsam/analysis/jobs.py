@@ -155,6 +155,10 @@ def _as_jobs(folders: list[Path], options: Options, device: str, launcher: str, 
     as one array (the scheduler decides how many run)."""
     import submitit
 
+    if launcher == "slurm":
+        from fsam.cluster import use_squeue_without_accounting
+
+        use_squeue_without_accounting()
     executor = submitit.AutoExecutor(folder=resources.log_dir, cluster=launcher)
     parameters = {"timeout_min": resources.timeout_min, "gpus_per_node": resources.gpus_per_job,
                   "cpus_per_task": resources.cpus_per_job, "mem_gb": resources.mem_gb, "name": "fsam-sharpness"}

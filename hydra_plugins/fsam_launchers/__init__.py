@@ -332,4 +332,11 @@ class LocalLauncher(_SubmititProgress, SubmititLocalLauncher):
 
 
 class SlurmLauncher(_SubmititProgress, SubmititSlurmLauncher):
-    """hydra-submitit-launcher's SLURM executor, with checks and outcomes."""
+    """hydra-submitit-launcher's SLURM executor, with checks and outcomes; on a cluster without job accounting,
+    job states come from squeue (fsam.cluster), quietly and with an end for jobs that die."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from fsam.cluster import use_squeue_without_accounting
+
+        use_squeue_without_accounting()
+        return super().launch(job_overrides, initial_job_idx)

@@ -1,0 +1,97 @@
+"""The cluster path on a real SLURM scheduler: the one-node cluster of scripts/slurm/local_cluster.sh, started here
+(root and the distribution's slurm-wlm and munge packages; skipped with the reason where it cannot start).
+Run alone with ``pytest -m slurm``; .ci/run runs them as their own stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
+# One CPU and no GPU per job, so that two jobs run at once on a 2-core machine.
+SMALL_JOBS = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+              "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """The local cluster, up (started if it is not), or the reason it cannot be."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster's daemons need root")
+    if not all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "munged", "sbatch")):
+        pytest.skip("SLURM is not installed here (apt-get install slurm-wlm munge)")
+    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        pytest.skip(f"the local SLURM cluster did not start: {started.stderr.strip() or started.stdout.strip()}")
+
+
+def train_py(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *arguments], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_a_sweep_of_two_methods_and_two_seeds_runs_every_job_on_the_scheduler(slurm, isolated_records):
+    result = train_py("-m", *SMALL_JOBS, "experiment=quickstart", "trainer.epochs=1", "optimizer=sgd,sam",
+                      "trainer.seed=1,2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    folders = sorted(path.parent for path in isolated_records.glob("*/seed*/summary.json"))
+    assert [(folder.parent.name.split("-")[2], folder.name) for folder in folders] == [
+        ("sam", "seed1"), ("sam", "seed2"), ("sgd", "seed1"), ("sgd", "seed2")]
+    for number in range(4):
+        assert f"job #{number} (" in output and "_log.out" in output  # each job's log, named as it is submitted
+    assert "sweep: 4 of 4 jobs done (4 finished)" in output
+    assert "sacct" not in output  # no accounting on this cluster: the states come from squeue, quietly
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (summary["status"], summary["epochs"]) == ("finished", 1)
+
+
+def test_a_job_cancelled_without_a_result_ends_the_sweep_with_its_outcome_rather_than_a_wait(slurm, isolated_records,
+                                                                                           tmp_path):
+    """Without accounting, submitit alone never learns that a job which wrote no result has ended."""
+    sweep = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-m", *SMALL_JOBS, "experiment=quickstart",
+                              "trainer.epochs=30", "optimizer=sgd"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 120
+        job_id = None
+        while job_id is None and time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "--noheader", "--format=%i %T %j"], capture_output=True, text=True)
+            running = [line.split() for line in queue.stdout.splitlines() if "RUNNING" in line]
+            job_id = running[0][0] if running else None
+            time.sleep(1)
+        assert job_id, "the job never ran"
+        time.sleep(5)
+        subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True)  # no chance to write a result
+        output, _ = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 2, output
+    assert "job #0 (experiment=quickstart trainer.epochs=30 optimizer=sgd) failed" in output
+    assert "Traceback" not in output
+
+
+def test_sharpness_jobs_on_the_scheduler_measure_each_run(slurm, isolated_records, tmp_path):
+    result = train_py("experiment=quickstart", "trainer.epochs=1", "optimizer=sgd", "trainer.device=cpu")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = [path.parent for path in isolated_records.glob("*/seed1/summary.json")]
+    measured = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sharpness.py"), str(isolated_records), "--what", "eigen",
+         "--images", "32", "--batch-size", "32", "--power-iterations", "3", "--launcher", "slurm",
+         "--gpus-per-job", "0", "--cpus-per-job", "1", "--mem-gb", "2", "--timeout-min", "10",
+         "--log-dir", str(tmp_path / "logs")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    assert "submitted job" in measured.stderr and f"{run_dir}: measured eigen" in measured.stdout
+    assert json.loads((run_dir / "analysis" / "sharpness.json").read_text())["measurements"]["eigen"]
