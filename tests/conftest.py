@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker (pytest -n, one per core) and the subprocesses it starts compute with one thread: workers with
+    # torch's default (all cores each) oversubscribe the machine and spin. One thread is also what makes a
+    # subprocess's numbers equal to this process's to the bit, as the resume tests require.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after the thread setting, which torch reads when it loads
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from datagen import write_cifar_archive
 

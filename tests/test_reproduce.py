@@ -205,7 +205,7 @@ def test_every_grid_holds_exactly_its_named_cells():
     expected["cifar10_noise_tune"] = {
         ("experiment=base/cifar10_resnet18", "dataset.val_split=5000", "trainer.full_grad_analysis_every=352",
          *cell[1:]) for cell in expected["digits_noise_tune"]}  # the same protocol at the paper's scale
-    later = {f"{study}_{stage}" for study in ("digits_noise", "cifar10_noise") for stage in ("seeds", "heatmap")}
+    later = {f"{study}_{stage}" for study in ("digits_noise", "cifar10_noise") for stage in ("seeds", "heatmap", "sharpness")}
     assert set(module.GRIDS) == set(expected) | later  # the later stages read the tuning runs: tests/test_study.py
     for grid, cells in expected.items():
         assert cells_of(module, grid) == cells, grid
