@@ -197,17 +197,20 @@ _LR = Dimension("optimizer.lr", 0.01, 0.3)
 _WEIGHT_DECAY = Dimension("optimizer.weight_decay", 1e-5, 1e-2)
 _RHO = Dimension("optimizer.rho", 0.02, 2.0)
 
+# Clean labels, 20/40/60 % symmetric and 40 % asymmetric label noise: the conditions of both noise studies.
+NOISE_CONDITIONS = {
+    "clean": ("dataset.noise.kind=none",),
+    "sym20": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.2"),
+    "sym40": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.4"),
+    "sym60": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.6"),
+    "asym40": ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"),
+}
+
 # docs/protocol_digits_noise.md: written down, and committed, before any of its runs.
 DIGITS_NOISE = Study(
     name="digits_noise",
     base=("experiment=digits_noise",),
-    conditions={
-        "clean": ("dataset.noise.kind=none",),
-        "sym20": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.2"),
-        "sym40": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.4"),
-        "sym60": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.6"),
-        "asym40": ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"),
-    },
+    conditions=NOISE_CONDITIONS,
     search={
         "sgd": (_LR, _WEIGHT_DECAY),
         "sam": (_LR, _WEIGHT_DECAY, _RHO),
@@ -228,13 +231,7 @@ DIGITS_NOISE = Study(
 CIFAR10_NOISE = Study(
     name="cifar10_noise",
     base=("experiment=base/cifar10_resnet18", "dataset.val_split=5000", "trainer.full_grad_analysis_every=352"),
-    conditions={
-        "clean": ("dataset.noise.kind=none",),
-        "sym20": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.2"),
-        "sym40": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.4"),
-        "sym60": ("dataset.noise.kind=symmetric", "dataset.noise.ratio=0.6"),
-        "asym40": ("dataset.noise.kind=asymmetric", "dataset.noise.ratio=0.4"),
-    },
+    conditions=NOISE_CONDITIONS,
     search=DIGITS_NOISE.search,
     trials=16,
     trial_seed=2026,
