@@ -95,3 +95,47 @@ def test_sharpness_jobs_on_the_scheduler_measure_each_run(slurm, isolated_record
     assert measured.returncode == 0, measured.stdout + measured.stderr
     assert "submitted job" in measured.stderr and f"{run_dir}: measured eigen" in measured.stdout
     assert json.loads((run_dir / "analysis" / "sharpness.json").read_text())["measurements"]["eigen"]
+
+
+def job_state(job_id: str) -> str:
+    shown = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format=%T"],
+                           capture_output=True, text=True)
+    return shown.stdout.strip()
+
+
+def test_the_single_gpu_sbatch_file_requeues_itself_after_sigusr1_and_finishes(slurm, isolated_records, tmp_path):
+    """The plain-sbatch path: SIGUSR1 (what --signal=USR1@180 sends before the time limit) checkpoints and exits
+    138, the script requeues the job, and the requeued job continues the same run folder to its end."""
+    from datagen import write_cifar_archive
+
+    root = tmp_path / "cifar100"
+    write_cifar_archive(root, "cifar100", n_train=64, n_test=32)
+    log = tmp_path / "slurm-%j.out"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G",
+         "--time=10", f"--output={log}", str(REPO / "scripts" / "slurm" / "single_gpu.sbatch"),
+         f"dataset.root={root}", "dataset.download=false", "dataset.num_workers=0", "trainer.device=cpu",
+         "trainer.epochs=2", "trainer.batch_size=16", "trainer.checkpoint_every_steps=1"],
+        capture_output=True, text=True, check=True, env=dict(os.environ))
+    job_id = submitted.stdout.strip().split(";")[0]
+    metrics = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # until the run has trained an epoch
+        found = list(isolated_records.glob("*/seed1/metrics.jsonl"))
+        if found and found[0].read_text().count('"epoch"') >= 1:
+            metrics = found[0]
+            break
+        time.sleep(1)
+    assert metrics is not None, f"the job never trained an epoch (state {job_state(job_id)})"
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # to the job's steps, as --signal does
+    deadline = time.monotonic() + 300
+    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and time.monotonic() < deadline:
+        time.sleep(2)
+    output = Path(str(log).replace("%j", job_id)).read_text()
+    assert job_state(job_id) == "COMPLETED", output
+    assert f"requeueing job {job_id}" in output
+    run_dir = metrics.parent
+    launches = [json.loads(line) for line in (run_dir / "launches.jsonl").read_text().splitlines()]
+    assert len(launches) == 2, launches  # the first launch, stopped by the signal, and the requeued one
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["epochs"]) == ("finished", 2)

@@ -7,8 +7,9 @@
 #   sudo bash scripts/slurm/local_cluster.sh status   # the daemons, sinfo, the queue
 #   sudo bash scripts/slurm/local_cluster.sh stop     # stops them; the generated config stays for the next start
 # The generated /etc/slurm/slurm.conf (kept if it exists and was not written by this script) gives the node this
-# machine's CPUs and memory (slurmd -C), one partition "local", requeue allowed, KillWait 10 s, no accounting
-# (job accounting needs slurmdbd and a database: sacct then has nothing to say, and the launchers do not need it).
+# machine's CPUs and memory (slurmd -C), one partition "local", requeue allowed, KillWait 10 s, a requeued job
+# eligible again after 10 s (cred_expire; SLURM's default is 120 s), no accounting (that needs slurmdbd and a
+# database: sacct then has nothing to say, and the launchers do not need it).
 # Logs: /var/log/slurm/. Guide: docs/cluster.md.
 set -euo pipefail
 
@@ -40,11 +41,13 @@ ClusterName=fsam-local
 SlurmctldHost=$(hostname -s)
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmdSpoolDir=/var/spool/slurmd
