@@ -18,7 +18,8 @@ from fsam.errors import FsamError
 from fsam.report import summarise
 from fsam.report.runs import damaged, runs_under
 from fsam.report.figures import (
-    accuracy_against_lambda_max, ema_agreement, lambda_sigma_heatmap, learning_curves, loss_slices, noise_plot,
+    accuracy_against_lambda_max, ema_agreement, lambda_sigma_heatmap, learning_curves, loss_slices, loss_surfaces,
+    noise_plot,
 )
 from fsam.report.tables import METRICS
 
@@ -45,14 +46,16 @@ def main() -> int:
     summary = summarise(runs)
     curves, notes = learning_curves(runs, args.out_dir, all_settings=args.all_settings)
     slices, slice_notes = loss_slices(runs, args.out_dir)
+    surfaces, surface_notes = loss_surfaces(runs, args.out_dir)
     against_sharpness, sharpness_notes = accuracy_against_lambda_max(runs, args.out_dir)
-    notes += slice_notes + sharpness_notes
+    notes += slice_notes + surface_notes + sharpness_notes
     drawn = {
         "learning curves": curves,
         "λ × σ heatmap": lambda_sigma_heatmap(summary, args.out_dir, args.metric),
         "accuracy against label noise": noise_plot(summary, args.out_dir, args.metric),
         "F-SAM's EMA against the full gradient": ema_agreement(runs, args.out_dir),
         "loss along a random direction": slices,
+        "loss over two random directions": surfaces,
         "accuracy against λ_max": against_sharpness,
     }
     why_not = {
@@ -61,6 +64,7 @@ def main() -> int:
         "accuracy against label noise": "needs finished runs with dataset.noise.kind set",
         "F-SAM's EMA against the full gradient": "needs an F-SAM run trained with trainer.full_grad_analysis_every",
         "loss along a random direction": "needs finished runs measured with scripts/sharpness.py --what slice1d",
+        "loss over two random directions": "needs finished runs measured with scripts/sharpness.py --what slice2d",
         "accuracy against λ_max": "needs finished runs measured with scripts/sharpness.py --what eigen",
     }
     for note in notes:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -678,7 +679,7 @@ def test_measured_runs_reach_the_per_setting_table_and_the_figures(fresh, tmp_pa
 
     runs = [fresh("sgd"), fresh("fsam")]
     for run_dir in runs:
-        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen,trace,rho,slice1d", *TINY) == 0
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "eigen,trace,rho,slice1d,slice2d", *TINY) == 0
     assert run_script(monkeypatch, "make_tables", tmp_path / "copies", "--out-dir", tmp_path / "tables") == 0
     settings = pd.read_csv(tmp_path / "tables" / "settings.csv").set_index("optimizer")
     for name, run_dir in zip(("sgd", "fsam"), runs):
@@ -690,7 +691,30 @@ def test_measured_runs_reach_the_per_setting_table_and_the_figures(fresh, tmp_pa
         assert settings.loc[name, "lambda_max_n"] == 1
     assert run_script(monkeypatch, "plot", tmp_path / "copies", "--out-dir", tmp_path / "figures") == 0
     drawn = {path.name for path in (tmp_path / "figures").iterdir()}
-    assert {"slice1d_CIFAR-10_pyramidnet8.png", "accuracy_vs_lambda_max_CIFAR-10_pyramidnet8.png"} <= drawn
+    assert {"slice1d_CIFAR-10_pyramidnet8.png", "slice2d_CIFAR-10_pyramidnet8.png",
+            "accuracy_vs_lambda_max_CIFAR-10_pyramidnet8.png"} <= drawn
+
+
+def test_the_loss_surface_figure_is_one_panel_per_method_on_shared_levels_from_the_lowest_to_the_highest_mean(
+        fresh, tmp_path, monkeypatch):
+    from fsam.report import figures
+    from fsam.report.runs import load_runs
+
+    runs = {"sgd": fresh("sgd"), "fsam": fresh("fsam")}
+    for run_dir in runs.values():
+        assert run_script(monkeypatch, "sharpness", run_dir, "--what", "slice2d", *TINY) == 0
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda figure, folder, stem: saved.append((figure, stem)) or [])
+    figures.loss_surfaces(load_runs(tmp_path / "copies"), tmp_path)
+    ((figure, stem),) = saved
+    assert stem == "slice2d_CIFAR-10_pyramidnet8"
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["SGD, n=1", "F-SAM, n=1"]  # the methods' order
+    grids = [np.array(record_of(run_dir)["measurements"]["slice2d"]["result"]["losses"]) for run_dir in runs.values()]
+    for axis in panels:  # one scale: every panel's levels run from the lowest loss of all to the highest
+        filled = next(child for child in axis.get_children() if hasattr(child, "levels"))
+        assert filled.levels[0] == pytest.approx(min(grid.min() for grid in grids))
+        assert filled.levels[-1] == pytest.approx(max(grid.max() for grid in grids))
 
 
 def test_the_line_to_a_run_of_another_network_is_refused_before_anything_is_measured(fresh, tmp_path, monkeypatch,

@@ -287,6 +287,49 @@ def loss_slices(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]
     return written, notes
 
 
+def loss_surfaces(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]]:
+    """Per data set and model: the loss over the plane of two filter-normalised random directions
+    (``scripts/sharpness.py --what slice2d``), one contour panel per method (its setting with the most seeds, the
+    mean over the seeds measured with the options most of them used), on one colour scale with shared contour
+    levels. Returns the paths written and notes on the runs left out."""
+    written: list[Path] = []
+    notes: list[str] = []
+    finished = runs[(runs["status"] == "finished") & runs["setting"].notna()]
+    surfaces = {run_dir: read_measurements(run_dir).get("slice2d") for run_dir in finished["run_dir"]}
+    measured = finished[[surfaces[run_dir] is not None for run_dir in finished["run_dir"]]]
+    if measured.empty:
+        return written, notes
+    measured, _ = one_setting_per_method(measured)
+    for (dataset, model), panel in measured.groupby(measured.apply(row_label, axis=1)):
+        settings = panel.drop_duplicates("setting")
+        labels = setting_labels(settings)
+        drawn = []
+        for setting in sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting])):
+            seeds = list(panel[panel["setting"] == setting.setting]["run_dir"])
+            members, left_out = _most_common_options(surfaces, seeds)
+            notes += [f"loss surfaces: left out {run_dir} (its surface was measured with other options than its "
+                      "setting's other seeds)" for run_dir in left_out]
+            result = surfaces[members[0]]["result"]
+            mean = np.mean([surfaces[run_dir]["result"]["losses"] for run_dir in members], axis=0)
+            drawn.append((f"{labels[setting.setting]}, n={len(members)}", result["alphas"], result["betas"], mean))
+        low = min(float(mean.min()) for *_, mean in drawn)
+        high = max(float(mean.max()) for *_, mean in drawn)
+        levels = np.linspace(low, high if high > low else low + 1e-9, 15)
+        figure, axes = plt.subplots(1, len(drawn), figsize=(3.6 * len(drawn) + 1.4, 4.2), squeeze=False,
+                                    sharey=True, layout="constrained")
+        for axis, (label, alphas, betas, mean) in zip(axes[0], drawn):
+            filled = axis.contourf(betas, alphas, mean, levels=levels, cmap="viridis")
+            axis.contour(betas, alphas, mean, levels=levels, colors="white", linewidths=0.4, alpha=0.6)
+            axis.plot([0], [0], marker="+", color="red", markersize=10)
+            axis.set(title=label, xlabel="β (second direction)")
+        axes[0][0].set_ylabel("α (first direction)")
+        figure.colorbar(filled, ax=list(axes[0]), label="loss on the measured training images (nats)")
+        figure.suptitle(f"{dataset}, {model}: loss over two filter-normalised random directions\n(Li et al. 2018); "
+                        "mean over seeds; + marks the final weights", fontsize=10)
+        written += _save(figure, folder, f"slice2d_{_slug(dataset, model)}")
+    return written, notes
+
+
 def accuracy_against_lambda_max(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]]:
     """Per data set and model: each finished run's final-epoch test top-1 against its λ_max (``scripts/sharpness.py
     --what eigen``), one point per run in its method's colour, among the runs measured with the options most of
