@@ -413,6 +413,15 @@ def write_error(path: Path, error: OSError, kept: str) -> RunFolderError:
 # --------------------------------------------------------------------------------------------------- the lock
 
 
+def slurm_job_id() -> str | None:
+    """This process's SLURM job as squeue and scancel name it: ``<array job>_<task>`` in a job array (each task's
+    SLURM_JOB_ID is a number squeue does not show), else SLURM_JOB_ID; None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 class RunLock:
     """One writer per run folder: an exclusive ``flock`` on ``<run_dir>/.lock``.
 
@@ -449,7 +458,7 @@ class RunLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "since": now_iso(),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_job": slurm_job_id(),
             "command": command_line(),
         }
         os.ftruncate(descriptor, 0)

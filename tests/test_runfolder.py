@@ -575,3 +575,16 @@ def test_a_launch_refused_while_the_holder_writes_who_it_is_still_names_the_hold
     finally:
         writer.join()
         os.close(descriptor)
+
+
+def test_the_holder_names_its_slurm_job_as_squeue_does(monkeypatch):
+    from fsam.runfolder import slurm_job_id
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "118")
+    assert slurm_job_id() == "118"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "117")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert slurm_job_id() == "117_1"  # task 1 of array 117 is job 118 to SLURM, 117_1 to squeue and scancel

@@ -139,3 +139,30 @@ def test_the_single_gpu_sbatch_file_requeues_itself_after_sigusr1_and_finishes(s
     assert len(launches) == 2, launches  # the first launch, stopped by the signal, and the requeued one
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["epochs"]) == ("finished", 2)
+
+
+def test_the_same_sweep_submitted_while_it_runs_is_refused_naming_the_holder_and_its_slurm_job(slurm,
+                                                                                              isolated_records):
+    sweep = ["-m", *SMALL_JOBS, "experiment=quickstart", "trainer.epochs=30", "optimizer=sgd"]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *sweep], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 180
+        metrics = []
+        while not metrics and time.monotonic() < deadline:  # the job holds its folder once it has trained an epoch
+            metrics = [path for path in isolated_records.glob("*/seed1/metrics.jsonl") if path.stat().st_size]
+            time.sleep(1)
+        assert metrics, "the first sweep's job never trained"
+        job_id = subprocess.run(["squeue", "--noheader", "--format=%i", "--states=RUNNING"], capture_output=True,
+                                text=True).stdout.split()[0]  # <array job>_<task>: as squeue and scancel name it
+        before = {path: path.read_bytes() for path in metrics[0].parent.iterdir() if path.is_file()
+                  and path.name in ("config.yaml", "launches.jsonl")}
+        second = train_py(*sweep)
+        output = second.stdout + second.stderr
+        assert second.returncode == 2, output
+        assert "refused" in output and f"(SLURM job {job_id})" in output, output
+        assert {path: path.read_bytes() for path in before} == before  # the first's records untouched
+    finally:
+        subprocess.run(["scancel", "--user", str(os.getuid())], check=False)
+        first.kill()
+        first.communicate(timeout=60)
