@@ -15,11 +15,12 @@ its error, is read from the job's folder).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from typing import Any
 
-__all__ = ["SqueueInfoWatcher", "accounting_enabled", "use_squeue_without_accounting"]
+__all__ = ["accounting_enabled", "threads_from_slurm", "use_squeue_without_accounting"]  # SqueueInfoWatcher: on access
 
 _HEADER = "JobID|State|NodeList"
 
@@ -82,3 +83,16 @@ def use_squeue_without_accounting(delay_s: int = 10) -> bool:
         return False
     SlurmJob.watcher = _watcher_class()(delay_s=delay_s)
     return True
+
+
+def threads_from_slurm() -> int | None:
+    """In a SLURM job that set no OMP_NUM_THREADS, give torch as many threads as the job has CPUs per task
+    (SLURM_CPUS_PER_TASK) rather than one per core of the node, which oversubscribes a shared node; returns the
+    number set, or None where nothing was changed."""
+    import torch
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if "OMP_NUM_THREADS" in os.environ or not cpus.isdigit() or int(cpus) < 1:
+        return None
+    torch.set_num_threads(int(cpus))
+    return int(cpus)

@@ -588,3 +588,22 @@ def test_the_holder_names_its_slurm_job_as_squeue_does(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "117")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert slurm_job_id() == "117_1"  # task 1 of array 117 is job 118 to SLURM, 117_1 to squeue and scancel
+
+
+def test_a_slurm_job_computes_with_its_cpus_per_task_unless_omp_num_threads_says_otherwise(monkeypatch):
+    import torch
+
+    from fsam.cluster import threads_from_slurm
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+        assert threads_from_slurm() is None and torch.get_num_threads() == before  # not under SLURM
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+        assert threads_from_slurm() == 3 and torch.get_num_threads() == 3
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads_from_slurm() is None and torch.get_num_threads() == before  # the user's setting wins
+    finally:
+        torch.set_num_threads(before)

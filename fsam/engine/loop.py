@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fsam.cluster import threads_from_slurm
 from fsam.config import RunConfig, load_config, to_plain
 from fsam.data import AugmentSpec, NoiseSpec, build_data
 from fsam.engine import distributed
@@ -107,6 +108,7 @@ def run(config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
     stays).
     """
     config = load_config(config)
+    threads_from_slurm()  # a job's CPUs, not the node's cores
     with StopSignals() as stops:
         info = distributed.setup(config.trainer.device)
         try:
