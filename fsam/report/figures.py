@@ -246,34 +246,48 @@ def _most_common_options(records: dict[str, dict], run_dirs: list[str]) -> tuple
             [run_dir for run_dir in run_dirs if keys[run_dir] != chosen])
 
 
+def _measured_by_panel(runs: pd.DataFrame, quantity: str, noun: str) -> tuple[list, list[str]]:
+    """The finished runs measured with ``quantity`` (``slice1d``, ``slice2d``) per (data set, model) panel: each
+    method's setting with the most seeds, in the methods' order, as (setting row, label, the results of its seeds
+    measured with the options most of them used); and a note for each seed left out (``noun``: what it is)."""
+    notes: list[str] = []
+    finished = runs[(runs["status"] == "finished") & runs["setting"].notna()]
+    records = {run_dir: read_measurements(run_dir).get(quantity) for run_dir in finished["run_dir"]}
+    measured = finished[[records[run_dir] is not None for run_dir in finished["run_dir"]]]
+    if measured.empty:
+        return [], notes
+    measured, _ = one_setting_per_method(measured)
+    panels = []
+    for key, panel in measured.groupby(measured.apply(row_label, axis=1)):
+        settings = panel.drop_duplicates("setting")
+        labels = setting_labels(settings)
+        entries = []
+        for setting in sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting])):
+            seeds = list(panel[panel["setting"] == setting.setting]["run_dir"])
+            members, left_out = _most_common_options(records, seeds)
+            notes += [f"{noun}s: left out {run_dir} (its {noun} was measured with other options than its setting's "
+                      "other seeds)" for run_dir in left_out]
+            entries.append((setting, labels[setting.setting], [records[run_dir]["result"] for run_dir in members]))
+        panels.append((key, entries))
+    return panels, notes
+
+
 def loss_slices(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[str]]:
     """Per data set and model: the loss along a filter-normalised random direction (``scripts/sharpness.py --what
     slice1d``) against the step α, one line per method in its colour: the mean over the finished seeds of its
     setting with the most seeds, among those measured with the options most of them used, with a ± std band (two or
     more seeds). Returns the paths written and notes on the runs left out."""
     written: list[Path] = []
-    notes: list[str] = []
-    finished = runs[(runs["status"] == "finished") & runs["setting"].notna()]
-    slices = {run_dir: read_measurements(run_dir).get("slice1d") for run_dir in finished["run_dir"]}
-    measured = finished[[slices[run_dir] is not None for run_dir in finished["run_dir"]]]
-    if measured.empty:
-        return written, notes
-    measured, _ = one_setting_per_method(measured)
-    for (dataset, model), panel in measured.groupby(measured.apply(row_label, axis=1)):
+    panels, notes = _measured_by_panel(runs, "slice1d", "slice")
+    for (dataset, model), entries in panels:
         figure, axis = plt.subplots(figsize=(6.4, 4.4))
-        settings = panel.drop_duplicates("setting")
-        labels = setting_labels(settings)
-        for setting in sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting])):
-            seeds = list(panel[panel["setting"] == setting.setting]["run_dir"])
-            members, left_out = _most_common_options(slices, seeds)
-            notes += [f"slices: left out {run_dir} (its slice was measured with other options than its setting's "
-                      "other seeds)" for run_dir in left_out]
-            alphas = slices[members[0]]["result"]["alphas"]
-            losses = np.array([slices[run_dir]["result"]["losses"] for run_dir in members])
+        for setting, label, results in entries:
+            alphas = results[0]["alphas"]
+            losses = np.array([result["losses"] for result in results])
             color = METHOD_COLORS.get(setting.optimizer, "black")
             mean = losses.mean(axis=0)
-            axis.plot(alphas, mean, color=color, linewidth=1.8, label=f"{labels[setting.setting]}, n={len(members)}")
-            if len(members) >= 2:
+            axis.plot(alphas, mean, color=color, linewidth=1.8, label=f"{label}, n={len(results)}")
+            if len(results) >= 2:
                 std = losses.std(axis=0, ddof=1)
                 axis.fill_between(alphas, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
         axis.set(xlabel="α: step along the direction, in units of each filter's own norm",
@@ -293,25 +307,10 @@ def loss_surfaces(runs: pd.DataFrame, folder: Path) -> tuple[list[Path], list[st
     mean over the seeds measured with the options most of them used), on one colour scale with shared contour
     levels. Returns the paths written and notes on the runs left out."""
     written: list[Path] = []
-    notes: list[str] = []
-    finished = runs[(runs["status"] == "finished") & runs["setting"].notna()]
-    surfaces = {run_dir: read_measurements(run_dir).get("slice2d") for run_dir in finished["run_dir"]}
-    measured = finished[[surfaces[run_dir] is not None for run_dir in finished["run_dir"]]]
-    if measured.empty:
-        return written, notes
-    measured, _ = one_setting_per_method(measured)
-    for (dataset, model), panel in measured.groupby(measured.apply(row_label, axis=1)):
-        settings = panel.drop_duplicates("setting")
-        labels = setting_labels(settings)
-        drawn = []
-        for setting in sorted(settings.itertuples(), key=lambda row: (_method_key(row.optimizer), labels[row.setting])):
-            seeds = list(panel[panel["setting"] == setting.setting]["run_dir"])
-            members, left_out = _most_common_options(surfaces, seeds)
-            notes += [f"loss surfaces: left out {run_dir} (its surface was measured with other options than its "
-                      "setting's other seeds)" for run_dir in left_out]
-            result = surfaces[members[0]]["result"]
-            mean = np.mean([surfaces[run_dir]["result"]["losses"] for run_dir in members], axis=0)
-            drawn.append((f"{labels[setting.setting]}, n={len(members)}", result["alphas"], result["betas"], mean))
+    panels, notes = _measured_by_panel(runs, "slice2d", "surface")
+    for (dataset, model), entries in panels:
+        drawn = [(f"{label}, n={len(results)}", results[0]["alphas"], results[0]["betas"],
+                  np.mean([result["losses"] for result in results], axis=0)) for _, label, results in entries]
         low = min(float(mean.min()) for *_, mean in drawn)
         high = max(float(mean.max()) for *_, mean in drawn)
         levels = np.linspace(low, high if high > low else low + 1e-9, 15)
