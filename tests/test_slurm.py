@@ -35,6 +35,21 @@ def slurm() -> None:
         pytest.skip(f"the local SLURM cluster did not start: {started.stderr.strip() or started.stdout.strip()}")
 
 
+def jobs_under(folder: Path) -> list[tuple[str, str]]:
+    """(job id as squeue shows it, state) of the jobs whose batch script lies under ``folder`` (this test's sweeps:
+    submitit writes its scripts into the sweep folder), so that another test's jobs are never touched."""
+    shown = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%o"], capture_output=True,
+                           text=True).stdout
+    return [(job, state) for job, state, command in (line.split("|", 2) for line in shown.splitlines() if line)
+            if str(folder) in command]
+
+
+def cancel_jobs_under(folder: Path) -> None:
+    for job, state in jobs_under(folder):
+        if state in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED"):
+            subprocess.run(["scancel", job], check=False)
+
+
 def train_py(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *arguments], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ))
@@ -67,15 +82,15 @@ def test_a_job_cancelled_without_a_result_ends_the_sweep_with_its_outcome_rather
         deadline = time.monotonic() + 120
         job_id = None
         while job_id is None and time.monotonic() < deadline:
-            queue = subprocess.run(["squeue", "--noheader", "--format=%i %T %j"], capture_output=True, text=True)
-            running = [line.split() for line in queue.stdout.splitlines() if "RUNNING" in line]
-            job_id = running[0][0] if running else None
+            running = [job for job, state in jobs_under(isolated_records) if state == "RUNNING"]
+            job_id = running[0] if running else None
             time.sleep(1)
         assert job_id, "the job never ran"
         time.sleep(5)
         subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True)  # no chance to write a result
         output, _ = sweep.communicate(timeout=120)
     finally:
+        cancel_jobs_under(isolated_records)
         if sweep.poll() is None:
             sweep.kill()
     assert sweep.returncode == 2, output
@@ -153,8 +168,7 @@ def test_the_same_sweep_submitted_while_it_runs_is_refused_naming_the_holder_and
             metrics = [path for path in isolated_records.glob("*/seed1/metrics.jsonl") if path.stat().st_size]
             time.sleep(1)
         assert metrics, "the first sweep's job never trained"
-        job_id = subprocess.run(["squeue", "--noheader", "--format=%i", "--states=RUNNING"], capture_output=True,
-                                text=True).stdout.split()[0]  # <array job>_<task>: as squeue and scancel name it
+        (job_id,) = [job for job, state in jobs_under(isolated_records) if state == "RUNNING"]  # as squeue names it
         before = {path: path.read_bytes() for path in metrics[0].parent.iterdir() if path.is_file()
                   and path.name in ("config.yaml", "launches.jsonl")}
         second = train_py(*sweep)
@@ -163,6 +177,6 @@ def test_the_same_sweep_submitted_while_it_runs_is_refused_naming_the_holder_and
         assert "refused" in output and f"(SLURM job {job_id})" in output, output
         assert {path: path.read_bytes() for path in before} == before  # the first's records untouched
     finally:
-        subprocess.run(["scancel", "--user", str(os.getuid())], check=False)
+        cancel_jobs_under(isolated_records)
         first.kill()
         first.communicate(timeout=60)
